@@ -1,0 +1,121 @@
+"""What the command-line scripts share: one-line errors with exit code 2, and the precision choice."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from pathlib import Path
+from typing import Callable, Sequence
+
+EXIT_USAGE = 2
+
+
+class UserError(Exception):
+    """A problem the user can fix; the scripts print its message on one line and exit with code 2."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and defaults shown in ``--help``."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):  # noqa: D401 - argparse's API
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
+    return value
+
+
+def fraction(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be zero or positive, got {text}")
+    return value
+
+
+def int_or_fraction(text: str) -> int | float:
+    """Lightning's limit_*_batches: a whole number of batches or a fraction in [0, 1]."""
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a batch count or a fraction in [0, 1], got {text}")
+    if value.is_integer() and ("." not in text or value > 1):
+        return int(value)
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"a fraction must be at most 1, got {text}")
+    return value
+
+
+def str_to_bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text}")
+
+
+def cpu_supports_bf16() -> bool:
+    """True where the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX-BF16)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str, accelerator: str) -> str:
+    """``"auto"`` becomes ``"bf16-mixed"`` where the device computes bf16 natively, else ``"32-true"``."""
+    if precision != "auto":
+        return precision
+    import torch
+
+    wants_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if wants_gpu:
+        return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
+    return "bf16-mixed" if cpu_supports_bf16() else "32-true"
+
+
+def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
+    """Run ``main``; a UserError or a data error becomes one line on stderr and exit code 2.
+
+    ``--debug`` anywhere on the command line shows the traceback instead.
+    """
+    from datamodules.errors import DataError
+
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    try:
+        return main(arguments)
+    except (UserError, DataError) as error:
+        if "--debug" in arguments:
+            traceback.print_exc()
+        prog = Path(sys.argv[0]).name or "cli"
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return EXIT_USAGE

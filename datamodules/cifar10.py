@@ -1,0 +1,280 @@
+"""CIFAR-10 (Krizhevsky 2009) as a LightningDataModule that keeps every image in memory.
+
+Sources, detected from ``data_dir``:
+
+* an image folder: ``data_dir/train/<class>/*`` and ``data_dir/test/<class>/*``
+  with the ten CIFAR-10 class names as folder names (PNG, JPEG or anything PIL
+  opens, 32x32; other sizes are refused, not resized, so a wrong dataset is
+  never trained on silently; grayscale or RGBA images are converted to RGB);
+* the official python version, ``data_dir/cifar-10-batches-py``, which
+  torchvision downloads and verifies when it is absent.
+
+Images are decoded once into a ``(N, 3, 32, 32)`` uint8 tensor. For an image
+folder the decoded arrays are cached in ``cache_dir`` (never inside the data
+folder), keyed by the folder's path and every file's name, size and mtime, so
+the next run loads them in well under a second. The loaders yield uint8
+batches; augmentation and normalisation run on whole batches after the batch
+has reached its device (``on_after_batch_transfer``), on the GPU when training
+there.
+
+Validation is held out from the training images (``val_size`` of them, chosen
+by a fixed ``split_seed``); the test set is never used for model selection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, TensorDataset
+
+from datamodules.errors import DataError
+from datamodules.transforms import normalize, train_augment
+
+CIFAR10_CLASSES = (
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+)
+IMAGE_SIZE = 32
+OFFICIAL_FOLDER = "cifar-10-batches-py"
+ACCEPTED_LAYOUTS = (
+    "accepted layouts: an image folder DIR/train/<class>/*.png|jpg and DIR/test/<class>/*.png|jpg "
+    f"with the 10 CIFAR-10 class folders, or the official python version DIR/{OFFICIAL_FOLDER} "
+    "(downloaded when absent and online)"
+)
+
+
+def default_cache_dir() -> Path:
+    """``$CIFAR10_CACHE_DIR``, else ``$XDG_CACHE_HOME/cifar10-lightning``, else ``~/.cache/cifar10-lightning``."""
+    if os.environ.get("CIFAR10_CACHE_DIR"):
+        return Path(os.environ["CIFAR10_CACHE_DIR"])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "cifar10-lightning"
+
+
+def is_image_folder(data_dir: Path) -> bool:
+    """True where ``data_dir`` looks meant as an image folder (then it is validated strictly)."""
+    if not data_dir.is_dir():
+        return False
+    names = {entry.name for entry in data_dir.iterdir()}
+    return bool(names & ({"train", "test"} | set(CIFAR10_CLASSES)))
+
+
+def _list_split(split_dir: Path) -> list[tuple[Path, int]]:
+    """(file, label) pairs of one split, labels in CIFAR-10 order; raises DataError on a bad layout."""
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir} is missing; {ACCEPTED_LAYOUTS}")
+    class_dirs = sorted(entry.name for entry in split_dir.iterdir() if entry.is_dir() and not entry.name.startswith("."))
+    if len(class_dirs) != len(CIFAR10_CLASSES) or set(class_dirs) != set(CIFAR10_CLASSES):
+        missing = sorted(set(CIFAR10_CLASSES) - set(class_dirs))
+        unexpected = sorted(set(class_dirs) - set(CIFAR10_CLASSES))
+        detail = f"found {len(class_dirs)} class folders"
+        if missing:
+            detail += f", missing {', '.join(missing)}"
+        if unexpected:
+            detail += f", unexpected {', '.join(unexpected)}"
+        raise DataError(f"{split_dir}: {detail}; {ACCEPTED_LAYOUTS}")
+    samples = []
+    for label, name in enumerate(CIFAR10_CLASSES):
+        files = sorted(p for p in (split_dir / name).iterdir() if p.is_file() and not p.name.startswith("."))
+        if not files:
+            raise DataError(f"{split_dir / name} holds no images; every class needs at least one")
+        samples += [(path, label) for path in files]
+    return samples
+
+
+def _decode(path: Path) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            if image.size != (IMAGE_SIZE, IMAGE_SIZE):
+                raise DataError(
+                    f"{path} is {image.size[0]}x{image.size[1]}; CIFAR-10 images must be "
+                    f"{IMAGE_SIZE}x{IMAGE_SIZE} (resize the folder's images first)"
+                )
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        if isinstance(error, DataError):
+            raise
+        raise DataError(f"{path} is not a readable image ({type(error).__name__}); remove or replace it") from None
+
+
+def decode_images(paths: list[Path], num_threads: int | None = None) -> torch.Tensor:
+    """Decode image files into one ``(N, 3, 32, 32)`` uint8 tensor (PIL releases the GIL while decoding)."""
+    with ThreadPoolExecutor(max_workers=num_threads or os.cpu_count() or 1) as pool:
+        arrays = list(pool.map(_decode, paths, chunksize=256))
+    stacked = np.stack(arrays) if arrays else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+    return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
+
+
+def _fingerprint(samples: list[tuple[Path, int]], root: Path) -> str:
+    digest = hashlib.sha256(str(root.resolve()).encode())
+    for path, label in samples:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:24]
+
+
+def load_image_folder(data_dir: Path, cache_dir: Path | None) -> dict[str, torch.Tensor]:
+    """Decode (or read from the cache) both splits of an image folder."""
+    splits = {split: _list_split(data_dir / split) for split in ("train", "test")}
+    cache_file = None
+    if cache_dir is not None:
+        key = _fingerprint(splits["train"] + splits["test"], data_dir)
+        cache_file = Path(cache_dir) / f"cifar10-{key}.pt"
+        if cache_file.is_file():
+            try:
+                return torch.load(cache_file, weights_only=True)
+            except Exception:  # a damaged cache is rebuilt, never trusted
+                pass
+    arrays = {}
+    for split, samples in splits.items():
+        arrays[f"{split}_images"] = decode_images([path for path, _ in samples])
+        arrays[f"{split}_labels"] = torch.tensor([label for _, label in samples], dtype=torch.long)
+    if cache_file is not None:
+        try:
+            cache_file.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache_file.with_suffix(f".tmp{os.getpid()}")
+            torch.save(arrays, partial)
+            os.replace(partial, cache_file)
+        except OSError:  # a read-only cache location only costs speed next time
+            pass
+    return arrays
+
+
+def load_official(data_dir: Path, download: bool) -> dict[str, torch.Tensor]:
+    """The official python version through torchvision (which checks the archive's MD5)."""
+    from torchvision.datasets import CIFAR10
+
+    arrays = {}
+    for split in ("train", "test"):
+        try:
+            dataset = CIFAR10(str(data_dir), train=split == "train", download=download)
+        except Exception as error:  # no network, refused, corrupted archive
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+            action = "could not download CIFAR-10 into" if download else "no CIFAR-10 found in"
+            raise DataError(f"{action} {data_dir} ({reason}); {ACCEPTED_LAYOUTS}") from None
+        arrays[f"{split}_images"] = torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous()
+        arrays[f"{split}_labels"] = torch.tensor(dataset.targets, dtype=torch.long)
+    return arrays
+
+
+def load_cifar10(data_dir: str | Path, cache_dir: str | Path | None = None, download: bool = True) -> dict[str, torch.Tensor]:
+    """``{"train_images", "train_labels", "test_images", "test_labels"}`` from either source."""
+    data_dir = Path(data_dir)
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"{data_dir} is a file, not a folder; {ACCEPTED_LAYOUTS}")
+    if is_image_folder(data_dir):
+        return load_image_folder(data_dir, Path(cache_dir) if cache_dir is not None else None)
+    return load_official(data_dir, download)
+
+
+def split_train_val(num_images: int, val_size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Disjoint (train, val) index tensors; the same ``seed`` always gives the same split."""
+    if not 0 <= val_size < num_images:
+        raise DataError(f"val_size must be between 0 and {num_images - 1} (the training images), got {val_size}")
+    order = torch.randperm(num_images, generator=torch.Generator().manual_seed(seed))
+    return order[val_size:], order[:val_size]
+
+
+class CIFAR10DataModule(pl.LightningDataModule):
+    """CIFAR-10 from an image folder or the official archive, held in memory as uint8.
+
+    Args:
+        data_dir: image folder or official-archive folder (see the module docstring).
+        batch_size: images per batch for every stage (per process under DDP).
+        num_workers: DataLoader workers; 0 suits in-memory tensors.
+        val_size: training images held out for validation.
+        split_seed: seed of the train/validation split (independent of the training seed).
+        cache_dir: where decoded image-folder arrays are cached; ``None`` disables the cache.
+        download: fetch the official archive when ``data_dir`` holds no data.
+        channels_last: hand batches over in channels-last memory format.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | Path = "./data",
+        batch_size: int = 256,
+        num_workers: int = 0,
+        val_size: int = 5000,
+        split_seed: int = 0,
+        cache_dir: str | Path | None = default_cache_dir(),
+        download: bool = True,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if batch_size < 1:
+            raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        self.data_dir = Path(data_dir)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.val_size = val_size
+        self.split_seed = split_seed
+        self.cache_dir = cache_dir
+        self.download = download
+        self.channels_last = channels_last
+        self.classes = CIFAR10_CLASSES
+        self._arrays: dict[str, torch.Tensor] | None = None
+        self.train_set = self.val_set = self.test_set = None
+
+    def prepare_data(self) -> None:
+        # Download or decode once per machine (local rank 0); setup() then reads the cache.
+        self._load()
+
+    def _load(self) -> dict[str, torch.Tensor]:
+        if self._arrays is None:
+            self._arrays = load_cifar10(self.data_dir, self.cache_dir, self.download)
+        return self._arrays
+
+    def setup(self, stage: str | None = None) -> None:
+        arrays = self._load()
+        if self.train_set is None:
+            train_index, val_index = split_train_val(len(arrays["train_labels"]), self.val_size, self.split_seed)
+            self.train_set = TensorDataset(arrays["train_images"][train_index], arrays["train_labels"][train_index])
+            self.val_set = TensorDataset(arrays["train_images"][val_index], arrays["train_labels"][val_index])
+            self.test_set = TensorDataset(arrays["test_images"], arrays["test_labels"])
+
+    def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=shuffle,
+            # A last batch of a few images makes BatchNorm statistics noisy; drop it when training.
+            drop_last=shuffle and len(dataset) > self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_set, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_set, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_set, shuffle=False)
+
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        images, labels = batch
+        if self.trainer is not None and self.trainer.training:
+            images = train_augment(images)
+        images = normalize(images)
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        return images, labels

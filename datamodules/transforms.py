@@ -1,0 +1,48 @@
+"""Whole-batch augmentation and normalisation on uint8 image tensors.
+
+Every function takes a ``(N, 3, H, W)`` batch and works with tensor operations
+on whatever device the batch is on, so a GPU run augments on the GPU and no
+image goes through PIL after it has been decoded once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def normalize(images: Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> Tensor:
+    """uint8 ``(N, 3, H, W)`` in [0, 255] -> float32, scaled to [0, 1], minus ``mean``, over ``std``."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float().div_(255.0) - mean_t).div_(std_t)
+
+
+def random_crop(images: Tensor, padding: int = 4, generator: torch.Generator | None = None) -> Tensor:
+    """Zero-pad each side by ``padding`` and take one random HxW window per image.
+
+    Equivalent to torchvision's ``RandomCrop(size, padding)`` applied image by
+    image, done as one gather over the whole batch.
+    """
+    n, channels, height, width = images.shape
+    padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
+    offsets = torch.randint(0, 2 * padding + 1, (2, n), device=images.device, generator=generator)
+    rows = (offsets[0, :, None] + torch.arange(height, device=images.device)).view(n, 1, height, 1)
+    cols = (offsets[1, :, None] + torch.arange(width, device=images.device)).view(n, 1, 1, width)
+    batch_index = torch.arange(n, device=images.device).view(n, 1, 1, 1)
+    channel_index = torch.arange(channels, device=images.device).view(1, channels, 1, 1)
+    return padded[batch_index, channel_index, rows, cols]
+
+
+def random_horizontal_flip(images: Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
+    """Mirror each image left-right with probability ``p``."""
+    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < p
+    return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
+
+
+def train_augment(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """The seed's training augmentation: 4-pixel-padded random crop, then random horizontal flip."""
+    return random_horizontal_flip(random_crop(images, 4, generator), 0.5, generator)

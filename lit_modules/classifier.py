@@ -1,0 +1,133 @@
+"""LightningModule that trains any model of the ``models`` registry as a CIFAR-10 classifier."""
+
+from __future__ import annotations
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from models import get_model
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULERS = ("onecycle", "cosine", "none")
+
+
+def split_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two parameter groups: weight decay on conv/linear weights, none on BatchNorm and biases.
+
+    Decaying BatchNorm scales and biases only fights their learned scale
+    (Goyal et al. 2017, arXiv:1706.02677, section 5.1).
+    """
+    decay, no_decay = [], []
+    for parameter in model.parameters():
+        if parameter.requires_grad:
+            (decay if parameter.ndim > 1 else no_decay).append(parameter)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+class LitClassifier(pl.LightningModule):
+    """Wraps ``get_model(model_name, num_classes, **model_options)``; the checkpoint alone rebuilds it.
+
+    Args:
+        model_name: a name from ``models.list_models()``.
+        num_classes: classifier outputs.
+        model_options: extra builder options, e.g. ``{"stem": "cifar", "zero_init_residual": True}``.
+        optimizer: ``"sgd"`` (with Nesterov momentum), ``"adam"`` or ``"adamw"``.
+        lr: peak learning rate.
+        momentum: SGD momentum (Adam's beta1 is left at its default).
+        weight_decay: applied to conv and linear weights only (see :func:`split_decay_groups`).
+        label_smoothing: cross-entropy label smoothing (Szegedy et al. 2016).
+        scheduler: ``"onecycle"`` (warm-up then cosine decay, Smith 2018), ``"cosine"``
+            (cosine decay from ``lr``) or ``"none"``; stepped every batch.
+        warmup_fraction: share of all steps spent warming up under ``"onecycle"``.
+        channels_last: keep the weights in channels-last memory format (faster convolutions
+            with bf16 on CPUs and tensor-core GPUs).
+    """
+
+    def __init__(
+        self,
+        model_name: str = "resnet50",
+        num_classes: int = 10,
+        model_options: dict | None = None,
+        optimizer: str = "sgd",
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        weight_decay: float = 5e-4,
+        label_smoothing: float = 0.0,
+        scheduler: str = "onecycle",
+        warmup_fraction: float = 0.15,
+        channels_last: bool = False,
+    ) -> None:
+        super().__init__()
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        self.save_hyperparameters()
+        self.model = get_model(model_name, num_classes, **(model_options or {}))
+        if channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.train_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.model(images)
+
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        images, labels = batch
+        logits = self(images)
+        loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
+        accuracy = getattr(self, f"{stage}_acc")
+        accuracy(logits, labels)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "test", sync_dist=not on_step)
+        self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
+        if on_step:
+            self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
+
+    def training_step(self, batch, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "test")
+
+    def predict_step(self, batch, batch_idx: int) -> Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self(images).softmax(dim=1)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        groups = split_decay_groups(self.model, hp.weight_decay)
+        if hp.optimizer == "sgd":
+            optimizer = torch.optim.SGD(groups, lr=hp.lr, momentum=hp.momentum, nesterov=hp.momentum > 0)
+        elif hp.optimizer == "adam":
+            optimizer = torch.optim.Adam(groups, lr=hp.lr)
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=hp.lr)
+        if hp.scheduler == "none":
+            return optimizer
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        if hp.scheduler == "onecycle":
+            schedule = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer,
+                max_lr=hp.lr,
+                total_steps=total_steps,
+                pct_start=hp.warmup_fraction,
+                anneal_strategy="cos",
+                div_factor=25.0,
+                final_div_factor=1e3,
+                cycle_momentum=False,
+            )
+        else:
+            schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

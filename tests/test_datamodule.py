@@ -1,0 +1,143 @@
+import urllib.request
+
+import pytest
+import torch
+
+from datamodules import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, DataError, load_cifar10, normalize
+from datamodules.cifar10 import split_train_val
+from datamodules.transforms import random_crop, random_horizontal_flip, train_augment
+from tests.conftest import write_image_folder
+
+
+def random_batch(n=16, seed=0):
+    return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_random_crop_is_a_shifted_window_of_the_padded_image():
+    images = random_batch()
+    crops = random_crop(images, padding=4, generator=torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(images, (4, 4, 4, 4))
+    offsets = []
+    for image, crop in zip(padded, crops):
+        matches = [(dy, dx) for dy in range(9) for dx in range(9) if torch.equal(image[:, dy : dy + 32, dx : dx + 32], crop)]
+        assert len(matches) == 1
+        offsets.append(matches[0])
+    assert len(set(offsets)) > 1  # not one shift for the whole batch
+
+
+def test_flip_is_a_mirror():
+    images = random_batch()
+    assert torch.equal(random_horizontal_flip(images, p=1.0), images.flip(-1))
+    assert torch.equal(random_horizontal_flip(images, p=0.0), images)
+    mixed = random_horizontal_flip(images, p=0.5, generator=torch.Generator().manual_seed(3))
+    flipped = [torch.equal(m, i.flip(-1)) for m, i in zip(mixed, images)]
+    kept = [torch.equal(m, i) for m, i in zip(mixed, images)]
+    assert all(f or k for f, k in zip(flipped, kept)) and any(flipped) and any(kept)
+
+
+def test_train_augment_keeps_shape_and_dtype():
+    out = train_augment(random_batch())
+    assert out.shape == (16, 3, 32, 32) and out.dtype == torch.uint8
+
+
+def test_normalize_values():
+    images = torch.zeros(2, 3, 4, 4, dtype=torch.uint8)
+    images[1] = 255
+    out = normalize(images)
+    assert out.dtype == torch.float32
+    mean, std = torch.tensor(CIFAR10_MEAN), torch.tensor(CIFAR10_STD)
+    torch.testing.assert_close(out[0, :, 0, 0], -mean / std)
+    torch.testing.assert_close(out[1, :, 0, 0], (1 - mean) / std)
+
+
+def test_split_is_disjoint_fixed_and_complete():
+    train, val = split_train_val(100, 20, seed=0)
+    assert len(val) == 20 and len(train) == 80
+    assert set(train.tolist()).isdisjoint(val.tolist())
+    assert sorted(train.tolist() + val.tolist()) == list(range(100))
+    again_train, again_val = split_train_val(100, 20, seed=0)
+    assert torch.equal(val, again_val) and torch.equal(train, again_train)
+    with pytest.raises(DataError, match="val_size"):
+        split_train_val(100, 100, seed=0)
+
+
+def test_datamodule_batches(image_folder, cache_dir):
+    datamodule = CIFAR10DataModule(image_folder, batch_size=16, val_size=20, cache_dir=cache_dir)
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    assert (len(datamodule.train_set), len(datamodule.val_set), len(datamodule.test_set)) == (60, 20, 30)
+    images, labels = next(iter(datamodule.train_dataloader()))
+    assert images.shape == (16, 3, 32, 32) and images.dtype == torch.uint8
+    assert labels.dtype == torch.int64 and labels.min() >= 0 and labels.max() <= 9
+    normalized, same_labels = datamodule.on_after_batch_transfer((images, labels), 0)
+    assert normalized.dtype == torch.float32 and torch.equal(same_labels, labels)
+    torch.testing.assert_close(normalized, normalize(images))  # no trainer: no augmentation
+    test_labels = torch.cat([batch[1] for batch in datamodule.test_dataloader()])
+    assert test_labels.bincount().tolist() == [3] * 10
+
+
+def test_validation_and_training_images_do_not_overlap(image_folder, cache_dir):
+    datamodule = CIFAR10DataModule(image_folder, batch_size=16, val_size=20, cache_dir=cache_dir)
+    datamodule.setup("fit")
+    train = {bytes(image.numpy()) for image in datamodule.train_set.tensors[0]}
+    val = {bytes(image.numpy()) for image in datamodule.val_set.tensors[0]}
+    assert len(train) == 60 and len(val) == 20 and train.isdisjoint(val)
+
+
+def test_labels_follow_cifar10_order(image_folder):
+    arrays = load_cifar10(image_folder, cache_dir=None)
+    # conftest tints channel (label % 3) with the value 20 * label.
+    for image, label in zip(arrays["test_images"][::3], arrays["test_labels"][::3]):
+        channel = int(label) % 3
+        assert abs(int(image[channel].float().mean()) - 20 * int(label)) <= 3  # JPEG may shift a little
+
+
+def test_decoded_images_are_cached_outside_the_data_folder(tmp_path):
+    data = write_image_folder(tmp_path / "data", 2, 1)
+    cache = tmp_path / "cache"
+    before = sorted(p for p in data.rglob("*"))
+    first = load_cifar10(data, cache_dir=cache)
+    assert len(list(cache.glob("cifar10-*.pt"))) == 1
+    assert sorted(p for p in data.rglob("*")) == before
+    second = load_cifar10(data, cache_dir=cache)
+    assert all(torch.equal(first[key], second[key]) for key in first)
+    # A changed file gives a new cache entry instead of stale images.
+    write_image_folder(data, 2, 1, seed=5)
+    third = load_cifar10(data, cache_dir=cache)
+    assert not torch.equal(first["train_images"], third["train_images"])
+
+
+def test_no_data_and_no_network_is_a_clear_error(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(DataError, match=f"could not download CIFAR-10 into {empty}.*accepted layouts"):
+        load_cifar10(empty)
+
+
+@pytest.mark.parametrize(
+    "break_folder, message",
+    [
+        (lambda root: __import__("shutil").rmtree(root / "test"), "test is missing"),
+        (lambda root: __import__("shutil").rmtree(root / "train" / "cat"), "found 9 class folders, missing cat"),
+        (lambda root: (root / "train" / "bird").rename(root / "train" / "birds"), "missing bird, unexpected birds"),
+        (lambda root: (root / "train" / "dog" / "notes.txt").write_text("hello"), "dog/notes.txt is not a readable image"),
+        (lambda root: __import__("PIL.Image").Image.new("RGB", (64, 48)).save(root / "test" / "cat" / "big.png"),
+         "cat/big.png is 64x48; CIFAR-10 images must be 32x32"),
+        (lambda root: [p.unlink() for p in (root / "test" / "frog").iterdir()], "frog holds no images"),
+    ],
+)
+def test_bad_folders_name_the_problem(tmp_path, break_folder, message):
+    root = write_image_folder(tmp_path / "data", 2, 1)
+    break_folder(root)
+    with pytest.raises(DataError, match=message):
+        load_cifar10(root, cache_dir=None)
+
+
+def test_class_folders_without_splits_are_refused(tmp_path):
+    root = write_image_folder(tmp_path / "data", 2, 1)
+    with pytest.raises(DataError, match="train/airplane is missing|accepted layouts"):
+        load_cifar10(root / "train", cache_dir=None)

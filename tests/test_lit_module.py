@@ -1,0 +1,83 @@
+import pytorch_lightning as pl
+import pytest
+import torch
+
+from datamodules import CIFAR10DataModule
+from lit_modules import LitClassifier
+from lit_modules.classifier import split_decay_groups
+
+
+def small_trainer(tmp_path, **options) -> pl.Trainer:
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+    defaults.update(options)
+    return pl.Trainer(**defaults)
+
+
+@pytest.mark.parametrize("model_name, optimizer", [("resnet50", "sgd"), ("vgg16", "adam")])
+def test_fast_dev_run_trains_validates_and_tests(image_folder, cache_dir, tmp_path, model_name, optimizer):
+    pl.seed_everything(0)
+    datamodule = CIFAR10DataModule(image_folder, batch_size=8, val_size=20, cache_dir=cache_dir)
+    module = LitClassifier(model_name, optimizer=optimizer, lr=0.01)
+    before = [p.detach().clone() for p in module.model.parameters()]
+    trainer = small_trainer(tmp_path, fast_dev_run=True)
+    trainer.fit(module, datamodule=datamodule)
+    logged = trainer.callback_metrics
+    assert {"train/loss", "train/acc", "train/lr", "val/loss", "val/acc"} <= set(logged)
+    assert any(not torch.equal(b, p) for b, p in zip(before, module.model.parameters()))
+    result = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+    assert set(result) == {"test/loss", "test/acc"} and 0.0 <= result["test/acc"] <= 1.0
+
+
+def test_forward_returns_logits():
+    module = LitClassifier("resnet50", num_classes=7, model_options={"stem": "cifar"}).eval()
+    with torch.no_grad():
+        assert module(torch.randn(3, 3, 32, 32)).shape == (3, 7)
+    assert module.model.conv1.stride == (1, 1)
+
+
+def test_checkpoint_alone_rebuilds_the_model(tmp_path):
+    module = LitClassifier("resnet50", num_classes=10, model_options={"stem": "cifar"}, lr=0.3, label_smoothing=0.2)
+    trainer = small_trainer(tmp_path, max_epochs=0)
+    trainer.strategy.connect(module)
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    restored = LitClassifier.load_from_checkpoint(path).eval()
+    module.eval()
+    assert restored.hparams.lr == 0.3 and restored.hparams.model_options == {"stem": "cifar"}
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(restored(images), module(images))
+
+
+def test_weight_decay_skips_batchnorm_and_biases():
+    module = LitClassifier("vgg16")
+    decay, no_decay = split_decay_groups(module.model, 5e-4)
+    assert decay["weight_decay"] == 5e-4 and no_decay["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(module.model.parameters()))
+
+
+def test_onecycle_warms_up_then_decays(image_folder, cache_dir, tmp_path):
+    datamodule = CIFAR10DataModule(image_folder, batch_size=8, val_size=20, cache_dir=cache_dir)
+    module = LitClassifier("resnet50_seed", lr=0.1, scheduler="onecycle", warmup_fraction=0.25)
+    rates = []
+
+    class RecordLearningRate(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    trainer = small_trainer(tmp_path, max_epochs=2, limit_val_batches=0, callbacks=[RecordLearningRate()])
+    trainer.fit(module, datamodule=datamodule)
+    assert len(rates) == 14  # 2 epochs x 7 full batches of 8 out of 60 images
+    peak = rates.index(max(rates))
+    assert 0 < peak < len(rates) - 1
+    assert max(rates) == pytest.approx(0.1, rel=0.05)
+    assert rates[0] == pytest.approx(0.1 / 25) and rates[-1] < rates[0]
+    assert trainer.optimizers[0].param_groups[0]["nesterov"] is True
+
+
+@pytest.mark.parametrize("option, value", [("optimizer", "rmsprop"), ("scheduler", "step")])
+def test_unknown_optimiser_settings_raise(option, value):
+    with pytest.raises(ValueError, match=f"unknown {option}"):
+        LitClassifier("vgg16", **{option: value})
