@@ -53,7 +53,7 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers (data is in memory)")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=positive_int, default=15, help="training epochs")
+    optim.add_argument("--epochs", type=positive_int, default=25, help="training epochs")
     optim.add_argument("--optimizer", default="sgd", choices=("sgd", "adam", "adamw"), help="SGD uses Nesterov momentum")
     optim.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate")
     optim.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
