@@ -109,13 +109,26 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
     ``--debug`` anywhere on the command line shows the traceback instead.
     """
     from datamodules.errors import DataError
+    from lit_modules.checkpointing import CheckpointError
 
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
         return main(arguments)
-    except (UserError, DataError) as error:
+    except (UserError, DataError, CheckpointError) as error:
         if "--debug" in arguments:
             traceback.print_exc()
         prog = Path(sys.argv[0]).name or "cli"
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON through a temporary file and a rename, so readers never see half a file."""
+    import json
+    import os
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    os.replace(temporary, path)

@@ -3,15 +3,21 @@
     python train.py --model resnet50 --accelerator cpu
     tensorboard --logdir lightning_logs
 
-Each run writes ``LOGDIR/version_N/``: TensorBoard events, ``hparams.yaml`` and
+Each run writes ``LOGDIR/version_N/``: TensorBoard events, ``hparams.yaml``,
+``run_info.json`` (command line, seed, library versions, status) and
 ``checkpoints/`` (the best by ``val/acc`` and ``last.ckpt``). After training,
 the best checkpoint is tested and the script ends with ``Test accuracy: NN.NN %``.
 """
 
 from __future__ import annotations
 
+import os
+import platform
 import re
+import shlex
+import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -27,11 +33,14 @@ from cli import (
     resolve_precision,
     run_main,
     str_to_bool,
+    write_json_atomic,
 )
 from models import list_models
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
+DEFAULT_EPOCHS = 25
+RUN_VERSION_VARIABLE = "TRAIN_PY_RUN_VERSION"  # lets DDP worker processes log to the parent's version_N
 
 
 def build_parser() -> ArgumentParser:
@@ -42,6 +51,10 @@ def build_parser() -> ArgumentParser:
                        help="ResNet first layers: the paper's 7x7/2 conv + max-pool, or a 3x3/1 conv (16x the compute)")
     model.add_argument("--zero-init-residual", type=str_to_bool, default=True, metavar="BOOL",
                        help="start each residual block's last BatchNorm scale at zero (ResNets)")
+    model.add_argument("--init-from", default=None, metavar="PATH",
+                       help="start from these weights (a .ckpt or a state_dict file); a new run, fresh optimiser")
+    model.add_argument("--init-strict", type=str_to_bool, default=True, metavar="BOOL",
+                       help="with --init-from: refuse missing, unexpected or misshapen weights (false: load what fits)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--data-dir", default="./data",
@@ -53,7 +66,8 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers (data is in memory)")
 
     optim = parser.add_argument_group("optimisation")
-    optim.add_argument("--epochs", type=positive_int, default=25, help="training epochs")
+    optim.add_argument("--epochs", type=positive_int, default=None,
+                       help="training epochs; the learning-rate schedule spans them (default: 25, or the resumed run's)")
     optim.add_argument("--optimizer", default="sgd", choices=("sgd", "adam", "adamw"), help="SGD uses Nesterov momentum")
     optim.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate")
     optim.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
@@ -63,17 +77,20 @@ def build_parser() -> ArgumentParser:
     optim.add_argument("--scheduler", default="onecycle", choices=("onecycle", "cosine", "none"),
                        help="learning-rate schedule, stepped every batch")
     optim.add_argument("--warmup-fraction", type=fraction, default=0.15, help="share of steps warming up (onecycle)")
-    optim.add_argument("--seed", type=non_negative_int, default=42, help="random seed")
+    optim.add_argument("--seed", type=non_negative_int, default=42, help="random seed (weights, shuffling, augmentation)")
+    optim.add_argument("--deterministic", action="store_true",
+                       help="deterministic algorithms only: two runs with the same seed give identical results")
 
-    hardware = parser.add_argument_group("hardware and speed")
+    hardware = parser.add_argument_group("hardware, speed and scale")
     hardware.add_argument("--accelerator", default="auto", choices=ACCELERATORS, help="Lightning accelerator")
-    hardware.add_argument("--devices", default="auto", help="number of devices, a list like 0,1, or auto")
+    hardware.add_argument("--devices", default="auto", help="devices per node: a count, a list like 0,1, or auto")
+    hardware.add_argument("--num-nodes", type=positive_int, default=1, help="machines (DDP across nodes)")
+    hardware.add_argument("--strategy", default="auto", help="Lightning strategy: auto, ddp, ddp_spawn, ...")
     hardware.add_argument("--precision", default="auto", choices=PRECISIONS,
                           help="auto: bf16-mixed where the device computes bf16 natively, else 32-true")
     hardware.add_argument("--channels-last", type=str_to_bool, default=True, metavar="BOOL",
                           help="channels-last memory format for weights and batches")
     hardware.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
-    hardware.add_argument("--deterministic", action="store_true", help="deterministic algorithms only")
 
     run = parser.add_argument_group("run control")
     run.add_argument("--limit-train-batches", type=int_or_fraction, default=None, help="batches (int) or fraction per epoch")
@@ -82,7 +99,12 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--fast-dev-run", action="store_true", help="one batch of each stage, no logs or checkpoints")
     run.add_argument("--logdir", default="lightning_logs", help="TensorBoard runs go to LOGDIR/version_N")
     run.add_argument("--ckpt-path", default=None,
-                     help="resume from this checkpoint, or 'last' for the newest run's last.ckpt in --logdir")
+                     help="resume from this checkpoint (optimiser, schedule, epoch, same version_N), "
+                          "or 'last' for the newest run's last.ckpt in --logdir")
+    run.add_argument("--stop-after-epochs", type=positive_int, default=None,
+                     help="stop after this many of the --epochs (schedule unchanged); continue later with --ckpt-path last")
+    run.add_argument("--checkpoint-every-n-steps", type=non_negative_int, default=200,
+                     help="also refresh last.ckpt every N training steps, bounding work lost to a hard kill (0: only at epoch ends)")
     run.add_argument("--log-every-n-steps", type=positive_int, default=50, help="training scalars every N steps")
     run.add_argument("--progress-refresh", type=non_negative_int, default=20,
                      help="progress bar refresh every N batches (0 hides it)")
@@ -111,13 +133,21 @@ def run_version_of(checkpoint: Path, logdir: Path) -> int | None:
     return None
 
 
-def parse_devices(text: str):
+def next_version(logdir: Path) -> int:
+    numbers = [int(m.group(1)) for p in logdir.glob("version_*") if (m := re.fullmatch(r"version_(\d+)", p.name))]
+    return max(numbers, default=-1) + 1
+
+
+def parse_devices(text: str, accelerator: str):
     if text == "auto":
         return "auto"
     if re.fullmatch(r"\d+", text):
-        if int(text) < 1:
+        count = int(text)
+        if count < 1:
             raise UserError(f"--devices must be at least 1, got {text}")
-        return int(text)
+        if accelerator == "cpu" and count > (os.cpu_count() or 1):
+            raise UserError(f"--devices {count}: this machine has {os.cpu_count()} CPU cores; use at most that many")
+        return count
     if re.fullmatch(r"\d+(,\d+)*,?", text):
         return [int(part) for part in text.split(",") if part]
     raise UserError(f"--devices takes a count, a list like 0,1, or auto; got {text!r}")
@@ -129,93 +159,213 @@ def model_options(args) -> dict:
     return {}
 
 
+def estimated_checkpoint_bytes(num_parameters: int) -> int:
+    """Weights plus one optimiser buffer in fp32, with room for metadata."""
+    return num_parameters * 4 * 2 + 1_000_000
+
+
+def check_logdir(logdir: Path, bytes_needed: int) -> None:
+    """Refuse an unwritable --logdir or one without room for the checkpoints, before any work starts."""
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+        probe = logdir / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"0")
+        probe.unlink()
+    except OSError as error:
+        raise UserError(f"--logdir {logdir} is not writable ({error.strerror or error}); choose another folder") from None
+    free = shutil.disk_usage(logdir).free
+    if free < bytes_needed:
+        raise UserError(
+            f"--logdir {logdir}: {free / 2**20:.0f} MiB free, about {bytes_needed / 2**20:.0f} MiB needed "
+            "for checkpoints; free some space or choose another folder"
+        )
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+    import pytorch_lightning
+    import torch
+    import torchmetrics
+    import torchvision
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "pytorch_lightning": pytorch_lightning.__version__,
+        "torchmetrics": torchmetrics.__version__,
+        "numpy": numpy.__version__,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logdir = Path(args.logdir)
-    devices = parse_devices(args.devices)
+    devices = parse_devices(args.devices, args.accelerator)
     ckpt_path = None
     if args.ckpt_path is not None:
+        if args.init_from:
+            raise UserError("--ckpt-path resumes a run and --init-from starts a new one; give only one")
         ckpt_path = find_last_checkpoint(logdir) if args.ckpt_path == "last" else Path(args.ckpt_path)
-        if not ckpt_path.is_file():
-            raise UserError(f"--ckpt-path {ckpt_path}: no such file")
 
     import pytorch_lightning as pl
-    import torch
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
     from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
     from pytorch_lightning.loggers import TensorBoardLogger
+    from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from datamodules import CIFAR10DataModule
     from datamodules.cifar10 import default_cache_dir
     from lit_modules import LitClassifier
+    from lit_modules.checkpointing import (
+        AtomicCheckpointIO,
+        classifier_from_hparams,
+        init_weights,
+        read_lightning_checkpoint,
+    )
+    from lit_modules.callbacks import CheckpointOnInterrupt, PeriodicCheckpoint, StopAfterEpochs
 
     pl.seed_everything(args.seed, workers=True, verbose=False)
     precision = resolve_precision(args.precision, args.accelerator)
+
+    if ckpt_path is not None:
+        # Resuming: the checkpoint's own hyperparameters rebuild the model; fit() restores the rest.
+        resumed = read_lightning_checkpoint(ckpt_path)
+        module = classifier_from_hparams(resumed["hyper_parameters"])
+        planned = resumed.get("planned_epochs")
+        if args.epochs is None:
+            args.epochs = planned or DEFAULT_EPOCHS
+        elif planned and args.epochs != planned and module.hparams.scheduler != "none":
+            raise UserError(
+                f"{ckpt_path} belongs to a run planned for {planned} epochs, whose learning-rate schedule ends there; "
+                f"resume with --epochs {planned} (or leave --epochs out), or start a new run with --init-from"
+            )
+    else:
+        args.epochs = args.epochs or DEFAULT_EPOCHS
+        module = LitClassifier(
+            model_name=args.model,
+            model_options=model_options(args),
+            optimizer=args.optimizer,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            label_smoothing=args.label_smoothing,
+            scheduler=args.scheduler,
+            warmup_fraction=args.warmup_fraction,
+            channels_last=args.channels_last,
+        )
+        if args.init_from:
+            skipped = init_weights(module.model, args.init_from, strict=args.init_strict)
+            print(f"Initialised from {args.init_from}" + (f"; skipped {len(skipped)}: {', '.join(skipped)}" if skipped else ""))
+    if args.compile:
+        module.model.compile()
 
     datamodule = CIFAR10DataModule(
         data_dir=args.data_dir,
         batch_size=args.batch_size,
         num_workers=args.num_workers,
         val_size=args.val_size,
+        seed=args.seed,
         cache_dir=args.cache_dir or default_cache_dir(),
-        channels_last=args.channels_last,
+        channels_last=module.hparams.channels_last,
     )
     datamodule.prepare_data()  # data problems surface here, before any run folder is made
 
-    module = LitClassifier(
-        model_name=args.model,
-        model_options=model_options(args),
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        scheduler=args.scheduler,
-        warmup_fraction=args.warmup_fraction,
-        channels_last=args.channels_last,
-    )
-    if args.compile:
-        module.model.compile()
+    is_worker = int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+    if not args.fast_dev_run and not is_worker:
+        num_parameters = sum(p.numel() for p in module.parameters())
+        check_logdir(logdir, 3 * estimated_checkpoint_bytes(num_parameters))
+    if ckpt_path is not None:
+        version = run_version_of(ckpt_path, logdir)
+    elif is_worker and RUN_VERSION_VARIABLE in os.environ:
+        version = int(os.environ[RUN_VERSION_VARIABLE])
+    else:
+        version = next_version(logdir)
+    if version is not None and not is_worker:
+        os.environ[RUN_VERSION_VARIABLE] = str(version)  # inherited by the DDP processes Lightning starts
+    logger = TensorBoardLogger(save_dir=str(logdir), name="", version=version, default_hp_metric=False)
+    checkpoint_dir = Path(logger.log_dir) / "checkpoints"
 
     has_validation = args.val_size > 0 and args.limit_val_batches != 0
-    checkpoint_callback = ModelCheckpoint(
+    best_checkpoint = ModelCheckpoint(
+        dirpath=checkpoint_dir,
         monitor="val/acc" if has_validation else None,
         mode="max",
         save_top_k=1,
         save_last=True,
         filename="best-{epoch:03d}" if has_validation else "epoch-{epoch:03d}",
     )
-    callbacks = [checkpoint_callback]
+    callbacks = [best_checkpoint, CheckpointOnInterrupt(checkpoint_dir / "last.ckpt")]
+    if args.checkpoint_every_n_steps:
+        callbacks.append(PeriodicCheckpoint(checkpoint_dir / "last.ckpt", args.checkpoint_every_n_steps))
+    if args.stop_after_epochs:
+        callbacks.append(StopAfterEpochs(args.stop_after_epochs))
     if args.progress_refresh > 0:
         callbacks.append(TQDMProgressBar(refresh_rate=args.progress_refresh))
-    logger = TensorBoardLogger(
-        save_dir=str(logdir),
-        name="",
-        version=run_version_of(ckpt_path, logdir) if ckpt_path else None,
-        default_hp_metric=False,
-    )
-    trainer = pl.Trainer(
-        max_epochs=args.epochs,
-        accelerator=args.accelerator,
-        devices=devices,
-        precision=precision,
-        logger=logger,
-        callbacks=callbacks,
-        enable_progress_bar=args.progress_refresh > 0,
-        log_every_n_steps=args.log_every_n_steps,
-        limit_train_batches=args.limit_train_batches,
-        limit_val_batches=args.limit_val_batches if args.val_size > 0 else 0,
-        limit_test_batches=args.limit_test_batches,
-        fast_dev_run=args.fast_dev_run,
-        deterministic=args.deterministic,
-    )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    try:
+        trainer = pl.Trainer(
+            max_epochs=args.epochs,
+            accelerator=args.accelerator,
+            devices=devices,
+            num_nodes=args.num_nodes,
+            strategy=args.strategy,
+            precision=precision,
+            logger=logger,
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
+            enable_progress_bar=args.progress_refresh > 0,
+            log_every_n_steps=args.log_every_n_steps,
+            limit_train_batches=args.limit_train_batches,
+            limit_val_batches=args.limit_val_batches if args.val_size > 0 else 0,
+            limit_test_batches=args.limit_test_batches,
+            fast_dev_run=args.fast_dev_run,
+            deterministic=args.deterministic,
+        )
+    except (MisconfigurationException, ValueError, RuntimeError) as error:
+        raise UserError(str(error).strip().splitlines()[0]) from None
 
-    best = checkpoint_callback.best_model_path or checkpoint_callback.last_model_path
+    run_info_path = Path(logger.log_dir) / "run_info.json"
+    run_info = {
+        "command": shlex.join(["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
+        "seed": args.seed,
+        "deterministic": args.deterministic,
+        "precision": precision,
+        "resumed_from": str(ckpt_path) if ckpt_path else None,
+        "versions": library_versions(),
+        "status": "running",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    if trainer.is_global_zero and not args.fast_dev_run:
+        write_json_atomic(run_info_path, run_info)
+
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
+    except SIGTERMException:
+        if trainer.is_global_zero:
+            run_info.update(status="interrupted", ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+            write_json_atomic(run_info_path, run_info)
+            print(f"train.py: stopped by SIGTERM; resume with --ckpt-path {checkpoint_dir / 'last.ckpt'}", file=sys.stderr)
+        return 143
+    if trainer.interrupted:  # Ctrl-C: CheckpointOnInterrupt has saved last.ckpt
+        return 130
+
+    best = best_checkpoint.best_model_path or best_checkpoint.last_model_path
     results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    test_accuracy = results[0]["test/acc"]
     if trainer.is_global_zero:
         if best:
             print(f"Checkpoint tested: {best}")
-        print(f"Test accuracy: {100 * results[0]['test/acc']:.2f} %")
+        if not args.fast_dev_run:
+            best_val = best_checkpoint.best_model_score
+            metrics = {"hp/test_acc": test_accuracy}
+            if best_val is not None:
+                metrics["hp/best_val_acc"] = float(best_val)
+            logger.log_hyperparams(module.hparams, metrics)
+            logger.finalize("success")
+            run_info.update(status="finished", ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                            test_acc=test_accuracy, best_checkpoint=best, epochs=trainer.current_epoch)
+            write_json_atomic(run_info_path, run_info)
+        print(f"Test accuracy: {100 * test_accuracy:.2f} %")
     return 0
 
 

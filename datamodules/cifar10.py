@@ -19,6 +19,12 @@ there.
 
 Validation is held out from the training images (``val_size`` of them, chosen
 by a fixed ``split_seed``); the test set is never used for model selection.
+
+Reproducible and resumable: the shuffling order of each epoch and the
+augmentation's random numbers come from generators seeded with ``seed`` whose
+positions are part of the module's ``state_dict``, which Lightning stores in
+every checkpoint. A run resumed from an end-of-epoch checkpoint therefore sees
+exactly the batches the uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from PIL import Image, UnidentifiedImageError
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Sampler, TensorDataset
 
 from datamodules.errors import DataError
 from datamodules.transforms import normalize, train_augment
@@ -97,25 +103,32 @@ def _list_split(split_dir: Path) -> list[tuple[Path, int]]:
     return samples
 
 
-def _decode(path: Path) -> np.ndarray:
+def read_rgb(path: Path, resize: bool = False) -> np.ndarray:
+    """One image file as a 32x32x3 uint8 array (any mode converted to RGB).
+
+    ``resize=False`` refuses other sizes (a dataset must be CIFAR-sized);
+    ``resize=True`` resizes with antialiasing (prediction on arbitrary images).
+    """
     try:
         with Image.open(path) as image:
             if image.size != (IMAGE_SIZE, IMAGE_SIZE):
-                raise DataError(
-                    f"{path} is {image.size[0]}x{image.size[1]}; CIFAR-10 images must be "
-                    f"{IMAGE_SIZE}x{IMAGE_SIZE} (resize the folder's images first)"
-                )
-            return np.asarray(image.convert("RGB"), dtype=np.uint8)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-        if isinstance(error, DataError):
-            raise
+                if not resize:
+                    raise DataError(
+                        f"{path} is {image.size[0]}x{image.size[1]}; CIFAR-10 images must be "
+                        f"{IMAGE_SIZE}x{IMAGE_SIZE} (resize the folder's images first)"
+                    )
+                image = image.convert("RGB").resize((IMAGE_SIZE, IMAGE_SIZE), Image.Resampling.BILINEAR)
+            return np.array(image.convert("RGB"), dtype=np.uint8)
+    except DataError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
         raise DataError(f"{path} is not a readable image ({type(error).__name__}); remove or replace it") from None
 
 
 def decode_images(paths: list[Path], num_threads: int | None = None) -> torch.Tensor:
     """Decode image files into one ``(N, 3, 32, 32)`` uint8 tensor (PIL releases the GIL while decoding)."""
     with ThreadPoolExecutor(max_workers=num_threads or os.cpu_count() or 1) as pool:
-        arrays = list(pool.map(_decode, paths, chunksize=256))
+        arrays = list(pool.map(read_rgb, paths, chunksize=256))
     stacked = np.stack(arrays) if arrays else np.zeros((0, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 
@@ -190,6 +203,28 @@ def split_train_val(num_images: int, val_size: int, seed: int) -> tuple[torch.Te
     return order[val_size:], order[:val_size]
 
 
+class EpochShuffleSampler(Sampler[int]):
+    """A new random permutation on every pass, from ``seed`` and the number of passes so far.
+
+    The pass count is all its state, so it can be checkpointed and restored
+    (unlike a RandomSampler drawing from the global generator). Under DDP,
+    Lightning shards its output across processes.
+    """
+
+    def __init__(self, num_samples: int, seed: int) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.passes = 0
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.passes)
+        self.passes += 1
+        return iter(torch.randperm(self.num_samples, generator=generator).tolist())
+
+
 class CIFAR10DataModule(pl.LightningDataModule):
     """CIFAR-10 from an image folder or the official archive, held in memory as uint8.
 
@@ -199,6 +234,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         num_workers: DataLoader workers; 0 suits in-memory tensors.
         val_size: training images held out for validation.
         split_seed: seed of the train/validation split (independent of the training seed).
+        seed: seed of the shuffling order and the augmentation.
         cache_dir: where decoded image-folder arrays are cached; ``None`` disables the cache.
         download: fetch the official archive when ``data_dir`` holds no data.
         channels_last: hand batches over in channels-last memory format.
@@ -211,6 +247,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         num_workers: int = 0,
         val_size: int = 5000,
         split_seed: int = 0,
+        seed: int = 0,
         cache_dir: str | Path | None = default_cache_dir(),
         download: bool = True,
         channels_last: bool = False,
@@ -223,12 +260,15 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.val_size = val_size
         self.split_seed = split_seed
+        self.seed = seed
         self.cache_dir = cache_dir
         self.download = download
         self.channels_last = channels_last
         self.classes = CIFAR10_CLASSES
         self._arrays: dict[str, torch.Tensor] | None = None
         self.train_set = self.val_set = self.test_set = None
+        self.train_sampler: EpochShuffleSampler | None = None
+        self.augment_generator = torch.Generator().manual_seed(seed)
 
     def prepare_data(self) -> None:
         # Download or decode once per machine (local rank 0); setup() then reads the cache.
@@ -246,12 +286,30 @@ class CIFAR10DataModule(pl.LightningDataModule):
             self.train_set = TensorDataset(arrays["train_images"][train_index], arrays["train_labels"][train_index])
             self.val_set = TensorDataset(arrays["train_images"][val_index], arrays["train_labels"][val_index])
             self.test_set = TensorDataset(arrays["test_images"], arrays["test_labels"])
+            self.train_sampler = EpochShuffleSampler(len(self.train_set), self.seed)
+        rank = self.trainer.global_rank if self.trainer is not None else 0
+        if rank and not getattr(self, "_rank_seeded", False):  # each DDP process augments differently
+            self.augment_generator.manual_seed(self.seed + 7_919 * rank)
+            self._rank_seeded = True
+
+    def state_dict(self) -> dict:
+        if self.train_sampler is None:
+            return {}
+        return {"sampler_passes": self.train_sampler.passes, "augment_generator": self.augment_generator.get_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not state_dict:
+            return
+        self.setup("fit")
+        self.train_sampler.passes = int(state_dict["sampler_passes"])
+        self.augment_generator.set_state(state_dict["augment_generator"])
+        self._rank_seeded = True
 
     def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
-            shuffle=shuffle,
+            sampler=self.train_sampler if shuffle else None,
             # A last batch of a few images makes BatchNorm statistics noisy; drop it when training.
             drop_last=shuffle and len(dataset) > self.batch_size,
             num_workers=self.num_workers,
@@ -273,7 +331,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         if self.trainer is not None and self.trainer.training:
-            images = train_augment(images)
+            images = train_augment(images, self.augment_generator)
         images = normalize(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

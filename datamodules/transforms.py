@@ -2,7 +2,10 @@
 
 Every function takes a ``(N, 3, H, W)`` batch and works with tensor operations
 on whatever device the batch is on, so a GPU run augments on the GPU and no
-image goes through PIL after it has been decoded once.
+image goes through PIL after it has been decoded once. The few random numbers a
+batch needs are drawn from ``generator`` (on its own device, usually the CPU)
+and then moved to the batch's device, so a seeded CPU generator gives the same
+augmentation on every device, and its state can be saved in a checkpoint.
 """
 
 from __future__ import annotations
@@ -12,6 +15,21 @@ from torch import Tensor
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+def _randint(high: int, size: tuple, generator: torch.Generator | None) -> Tensor:
+    return torch.randint(0, high, size, generator=generator, device=generator.device if generator else "cpu")
+
+
+def _rand(size: int, generator: torch.Generator | None) -> Tensor:
+    return torch.rand(size, generator=generator, device=generator.device if generator else "cpu")
+
+
+def denormalize(images: Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> Tensor:
+    """Inverse of :func:`normalize`, to [0, 1] floats, for showing images."""
+    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
+    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    return (images.float() * std_t + mean_t).clamp_(0, 1)
 
 
 def normalize(images: Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> Tensor:
@@ -29,7 +47,7 @@ def random_crop(images: Tensor, padding: int = 4, generator: torch.Generator | N
     """
     n, channels, height, width = images.shape
     padded = torch.nn.functional.pad(images, (padding, padding, padding, padding))
-    offsets = torch.randint(0, 2 * padding + 1, (2, n), device=images.device, generator=generator)
+    offsets = _randint(2 * padding + 1, (2, n), generator).to(images.device)
     rows = (offsets[0, :, None] + torch.arange(height, device=images.device)).view(n, 1, height, 1)
     cols = (offsets[1, :, None] + torch.arange(width, device=images.device)).view(n, 1, 1, width)
     batch_index = torch.arange(n, device=images.device).view(n, 1, 1, 1)
@@ -39,7 +57,7 @@ def random_crop(images: Tensor, padding: int = 4, generator: torch.Generator | N
 
 def random_horizontal_flip(images: Tensor, p: float = 0.5, generator: torch.Generator | None = None) -> Tensor:
     """Mirror each image left-right with probability ``p``."""
-    flip = torch.rand(images.shape[0], device=images.device, generator=generator) < p
+    flip = (_rand(images.shape[0], generator) < p).to(images.device)
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 

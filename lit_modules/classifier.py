@@ -6,12 +6,15 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from lit_modules import visuals
 from models import get_model
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("onecycle", "cosine", "none")
+CIFAR10_CLASS_NAMES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+MISCLASSIFIED_SHOWN = 32
 
 
 def split_decay_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -47,6 +50,13 @@ class LitClassifier(pl.LightningModule):
         warmup_fraction: share of all steps spent warming up under ``"onecycle"``.
         channels_last: keep the weights in channels-last memory format (faster convolutions
             with bf16 on CPUs and tensor-core GPUs).
+        class_names: label names, saved with the checkpoint for prediction and reports
+            (CIFAR-10's when ``num_classes`` is 10).
+
+    Besides the scalars, a TensorBoard logger receives the confusion matrix and
+    per-class accuracy after every validation epoch and after testing, a grid of
+    misclassified test images, and a text summary of the model. All of it is
+    computed at epoch ends; training steps only update two counters.
     """
 
     def __init__(
@@ -62,12 +72,17 @@ class LitClassifier(pl.LightningModule):
         scheduler: str = "onecycle",
         warmup_fraction: float = 0.15,
         channels_last: bool = False,
+        class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if class_names is None:
+            class_names = list(CIFAR10_CLASS_NAMES) if num_classes == 10 else [str(i) for i in range(num_classes)]
+        if len(class_names) != num_classes:
+            raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.save_hyperparameters()
         self.model = get_model(model_name, num_classes, **(model_options or {}))
         if channels_last:
@@ -75,11 +90,18 @@ class LitClassifier(pl.LightningModule):
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")
         self.val_acc = MulticlassAccuracy(num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes, average="micro")
+        self.val_confusion = MulticlassConfusionMatrix(num_classes)
+        self.test_confusion = MulticlassConfusionMatrix(num_classes)
+        self._misclassified: list[tuple[Tensor, int, int]] = []
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.hparams.class_names)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
 
-    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+    def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, labels = batch
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
@@ -88,22 +110,79 @@ class LitClassifier(pl.LightningModule):
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "test", sync_dist=not on_step)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
-        if on_step:
-            self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
-        return loss
+        return loss, logits
 
     def training_step(self, batch, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
+        loss, _ = self._shared_step(batch, "train")
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, on_epoch=False)
+        return loss
 
     def validation_step(self, batch, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "val")
+        loss, logits = self._shared_step(batch, "val")
+        self.val_confusion.update(logits, batch[1])
+        return loss
 
     def test_step(self, batch, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "test")
+        loss, logits = self._shared_step(batch, "test")
+        images, labels = batch
+        self.test_confusion.update(logits, labels)
+        if len(self._misclassified) < MISCLASSIFIED_SHOWN:
+            predicted = logits.argmax(dim=1)
+            for index in torch.nonzero(predicted != labels).flatten()[: MISCLASSIFIED_SHOWN - len(self._misclassified)]:
+                self._misclassified.append((images[index].float().cpu(), int(labels[index]), int(predicted[index])))
+        return loss
 
     def predict_step(self, batch, batch_idx: int) -> Tensor:
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(images).softmax(dim=1)
+
+    # ---- TensorBoard extras, all at epoch ends -------------------------------------------------
+
+    def _tensorboard(self):
+        """The SummaryWriter of a TensorBoard logger on the main process, else None."""
+        from pytorch_lightning.loggers import TensorBoardLogger
+
+        if self.trainer.is_global_zero and isinstance(self.logger, TensorBoardLogger):
+            return self.logger.experiment
+        return None
+
+    def _log_confusion(self, stage: str, confusion: MulticlassConfusionMatrix) -> None:
+        matrix = confusion.compute().cpu()  # synchronised across processes
+        confusion.reset()
+        if self.trainer.sanity_checking:
+            return
+        per_class = matrix.diag().float() / matrix.sum(dim=1).clamp(min=1).float()
+        for name, value in zip(self.class_names, per_class.tolist()):
+            self.log(f"{stage}/acc_class/{name}", value, sync_dist=False, rank_zero_only=True)
+        writer = self._tensorboard()
+        if writer is not None:
+            figure = visuals.confusion_matrix_figure(matrix, self.class_names, title=f"{stage} confusion matrix")
+            writer.add_figure(f"{stage}/confusion_matrix", figure, global_step=self.global_step)
+
+    def on_fit_start(self) -> None:
+        writer = self._tensorboard()
+        if writer is not None:
+            writer.add_text("model/summary", visuals.model_summary_markdown(self), global_step=0)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_confusion("val", self.val_confusion)
+
+    def on_test_epoch_start(self) -> None:
+        self._misclassified = []
+
+    def on_test_epoch_end(self) -> None:
+        self._log_confusion("test", self.test_confusion)
+        writer = self._tensorboard()
+        if writer is not None and self._misclassified:
+            figure = visuals.misclassified_figure(self._misclassified, self.class_names)
+            writer.add_figure("test/misclassified", figure, global_step=self.global_step)
+        self._misclassified = []
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # The schedule's length is fixed by the epochs planned at the start; a resumed run must keep it.
+        checkpoint["planned_epochs"] = self.trainer.max_epochs
+
+    # ---- optimisation ---------------------------------------------------------------------------
 
     def configure_optimizers(self):
         hp = self.hparams

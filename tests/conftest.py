@@ -43,3 +43,32 @@ def image_folder(tmp_path_factory) -> Path:
 @pytest.fixture
 def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"
+
+
+TINY_RUN = ("--val-size", "20", "--batch-size", "16", "--progress-refresh", "0", "--accelerator", "cpu")
+
+
+@pytest.fixture(scope="session")
+def trained_run(image_folder, tmp_path_factory):
+    """One real 2-epoch train.py run of ResNet-50 on the tiny folder (fp32, fixed seed), shared by many tests.
+
+    Returns (run folder, completed process).
+    """
+    from tests.helpers import run_script
+
+    root = tmp_path_factory.mktemp("trained")
+    logdir = root / "logs"
+    result = run_script(
+        "train.py", "--model", "resnet50", "--data-dir", image_folder, "--cache-dir", root / "cache",
+        "--logdir", logdir, "--epochs", "2", "--log-every-n-steps", "1", "--precision", "32-true", "--seed", "7",
+        *TINY_RUN,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return logdir / "version_0", result
+
+
+@pytest.fixture(scope="session")
+def best_checkpoint(trained_run) -> Path:
+    run_dir, _ = trained_run
+    (path,) = (run_dir / "checkpoints").glob("best-epoch=*.ckpt")
+    return path

@@ -1,30 +1,41 @@
+import json
 import re
 
 import pytest
 
+from tests.conftest import TINY_RUN
 from tests.helpers import assert_one_line_error, run_script, scalar_tags
 
-TINY_RUN = ["--val-size", "20", "--batch-size", "16", "--progress-refresh", "0", "--accelerator", "cpu"]
 
-
-def test_train_end_to_end(image_folder, cache_dir, tmp_path):
-    logdir = tmp_path / "logs"
-    result = run_script(
-        "train.py", "--model", "resnet50", "--data-dir", image_folder, "--cache-dir", cache_dir,
-        "--logdir", logdir, "--epochs", "2", "--log-every-n-steps", "1", *TINY_RUN,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    last_line = result.stdout.strip().splitlines()[-1]
+def printed_test_accuracy(stdout: str) -> float:
+    last_line = stdout.strip().splitlines()[-1]
     match = re.fullmatch(r"Test accuracy: (\d+\.\d\d) %", last_line)
-    assert match and 0 <= float(match.group(1)) <= 100
-    run_dir = logdir / "version_0"
+    assert match, last_line
+    return float(match.group(1))
+
+
+def test_train_end_to_end(trained_run, best_checkpoint):
+    run_dir, result = trained_run
+    accuracy = printed_test_accuracy(result.stdout)
+    assert 0 <= accuracy <= 100
     checkpoints = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
-    assert "last.ckpt" in checkpoints and any(name.startswith("best-epoch=") for name in checkpoints)
+    assert "last.ckpt" in checkpoints and best_checkpoint.name in checkpoints
+    assert f"Checkpoint tested: {best_checkpoint}" in result.stdout
     assert (run_dir / "hparams.yaml").is_file()
+    assert not (run_dir.parent / "version_1").exists()
     tags = scalar_tags(run_dir)
     assert len(tags["val/acc"]) == 2 and all(0 <= v <= 1 for v in tags["val/acc"])
     assert {"train/loss_step", "train/acc", "val/loss", "test/acc", "train/lr"} <= set(tags)
-    assert tags["test/acc"][0] == pytest.approx(float(match.group(1)) / 100, abs=1e-4)
+    assert tags["test/acc"][0] == pytest.approx(accuracy / 100, abs=1e-4)
+
+
+def test_run_info_records_command_seed_and_versions(trained_run):
+    run_dir, result = trained_run
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert info["status"] == "finished" and info["seed"] == 7 and info["epochs"] == 2
+    assert "--seed 7" in info["command"] and "train.py" in info["command"]
+    assert {"torch", "torchvision", "pytorch_lightning", "torchmetrics", "python"} <= set(info["versions"])
+    assert info["test_acc"] == pytest.approx(printed_test_accuracy(result.stdout) / 100, abs=1e-4)
 
 
 def test_vgg16_fast_dev_run(image_folder, cache_dir, tmp_path):
@@ -34,6 +45,7 @@ def test_vgg16_fast_dev_run(image_folder, cache_dir, tmp_path):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     assert re.search(r"^Test accuracy: \d+\.\d\d %$", result.stdout, re.M)
+    assert not (tmp_path / "logs" / "version_0" / "checkpoints").exists()
 
 
 def test_help_documents_every_flag_with_its_default():
@@ -43,9 +55,10 @@ def test_help_documents_every_flag_with_its_default():
     for flag in ["--model", "--stem", "--data-dir", "--epochs", "--batch-size", "--lr", "--optimizer",
                  "--weight-decay", "--label-smoothing", "--seed", "--accelerator", "--devices", "--precision",
                  "--num-workers", "--limit-train-batches", "--limit-val-batches", "--limit-test-batches",
-                 "--fast-dev-run", "--logdir", "--ckpt-path"]:
+                 "--fast-dev-run", "--logdir", "--ckpt-path", "--init-from", "--init-strict", "--strategy",
+                 "--num-nodes", "--deterministic", "--compile", "--channels-last", "--checkpoint-every-n-steps"]:
         assert flag in text
-    assert text.count("(default:") >= 30
+    assert text.count("(default:") >= 35
     for default in ["resnet50", "./data", "lightning_logs", "auto", "imagenet", "sgd"]:
         assert f"(default: {default})" in text
 
@@ -60,12 +73,16 @@ def test_help_documents_every_flag_with_its_default():
         (["--lr", "0"], "--lr: must be a positive number"),
         (["--lr", "nan"], "--lr: must be a positive number"),
         (["--precision", "8"], "--precision: invalid choice"),
+        (["--optimizer", "rmsprop"], "--optimizer: invalid choice"),
         (["--devices", "two"], "--devices takes a count"),
+        (["--accelerator", "cpu", "--devices", "512"], "this machine has"),
         (["--ckpt-path", "missing.ckpt"], "missing.ckpt: no such file"),
+        (["--init-from", "missing.pt"], "missing.pt: no such file"),
     ],
 )
-def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path):
-    result = run_script("train.py", "--logdir", tmp_path / "logs", *args)
+def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path, image_folder):
+    result = run_script("train.py", "--logdir", tmp_path / "logs", "--data-dir", image_folder,
+                        "--cache-dir", tmp_path / "cache", *args)
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "logs").exists()
 
@@ -75,27 +92,46 @@ def make_wrong_layout(root):
 
 
 def make_nine_classes(root):
-    from tests.conftest import write_image_folder
     import shutil
+
+    from tests.conftest import write_image_folder
 
     write_image_folder(root, 1, 1)
     shutil.rmtree(root / "train" / "truck")
 
 
+def make_unreadable_file(root):
+    from tests.conftest import write_image_folder
+
+    write_image_folder(root, 1, 1)
+    (root / "train" / "ship" / "0009.png").write_bytes(b"not a png")
+
+
+def make_wrong_size(root):
+    from PIL import Image
+
+    from tests.conftest import write_image_folder
+
+    write_image_folder(root, 1, 1)
+    Image.new("RGB", (40, 40)).save(root / "test" / "deer" / "0009.png")
+
+
 @pytest.mark.parametrize(
-    "prepare, fragment",
+    "prepare, fragments",
     [
-        (lambda root: root.mkdir(), "could not download CIFAR-10 into"),
-        (make_wrong_layout, "train is missing"),
-        (make_nine_classes, "found 9 class folders, missing truck"),
+        (lambda root: root.mkdir(), ["could not download CIFAR-10 into", "accepted layouts"]),
+        (make_wrong_layout, ["train is missing", "accepted layouts"]),
+        (make_nine_classes, ["found 9 class folders, missing truck", "accepted layouts"]),
+        (make_unreadable_file, ["ship/0009.png is not a readable image"]),
+        (make_wrong_size, ["deer/0009.png is 40x40; CIFAR-10 images must be 32x32"]),
     ],
 )
-def test_bad_data_gets_one_line_and_exit_2(tmp_path, prepare, fragment, monkeypatch):
+def test_bad_data_gets_one_line_and_exit_2(tmp_path, prepare, fragments):
     data = tmp_path / "data"
     prepare(data)
     # An unreachable proxy keeps the download attempt offline even where a network exists.
     offline = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
     result = run_script("train.py", "--data-dir", data, "--cache-dir", tmp_path / "cache", "--logdir",
                         tmp_path / "logs", *TINY_RUN, env=offline)
-    assert_one_line_error(result, str(data), fragment, "accepted layouts")
+    assert_one_line_error(result, str(data), *fragments)
     assert not (tmp_path / "logs").exists()

@@ -1,0 +1,113 @@
+"""Test a checkpoint on the CIFAR-10 test set without training.
+
+    python evaluate.py lightning_logs/version_0/checkpoints/last.ckpt --data-dir ../shared/data/cifar10-jpeg
+
+Prints the overall accuracy, the accuracy of each class and the confusion
+matrix (rows: true class, columns: predicted); ``--json PATH`` writes them too.
+The model is rebuilt from the checkpoint's hyperparameters alone.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from cli import ArgumentParser, positive_int, run_main, write_json_atomic
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a .ckpt written by train.py")
+    parser.add_argument("--data-dir", default="./data", help="image folder or official CIFAR-10 folder (as in train.py)")
+    parser.add_argument("--cache-dir", default=None, help="decoded-image cache (as in train.py)")
+    parser.add_argument("--batch-size", type=positive_int, default=256, help="images per batch")
+    parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return parser
+
+
+def pick_device(name: str):
+    import torch
+
+    from cli import UserError
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA GPU is available here; use --device cpu")
+    return device
+
+
+def predict_labels(module, loader, device) -> tuple:
+    """(predicted, true) label tensors over a loader of uint8 batches, normalised as in training."""
+    import torch
+
+    from datamodules import normalize
+
+    module.to(device).eval()
+    predicted, true = [], []
+    with torch.inference_mode():
+        for images, labels in loader:
+            logits = module(normalize(images.to(device)))
+            predicted.append(logits.argmax(dim=1).cpu())
+            true.append(labels)
+    return torch.cat(predicted), torch.cat(true)
+
+
+def confusion_matrix(predicted, true, num_classes: int):
+    import torch
+
+    return torch.bincount(true * num_classes + predicted, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def format_report(accuracy: float, class_names: list[str], per_class: list[float], matrix) -> str:
+    width = max(len(name) for name in class_names) + 2
+    lines = [f"Test accuracy: {100 * accuracy:.2f} %", "", "Per-class accuracy:"]
+    lines += [f"  {name:<{width}}{100 * value:6.2f} %" for name, value in zip(class_names, per_class)]
+    lines += ["", "Confusion matrix (rows: true, columns: predicted):"]
+    short = [name[:5] for name in class_names]
+    lines.append(" " * (width + 2) + "".join(f"{name:>7}" for name in short))
+    for name, row in zip(class_names, matrix.tolist()):
+        lines.append(f"  {name:<{width}}" + "".join(f"{count:>7}" for count in row))
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from datamodules import CIFAR10DataModule
+    from datamodules.cifar10 import default_cache_dir
+    from lit_modules import load_classifier
+
+    module = load_classifier(args.checkpoint)
+    device = pick_device(args.device)
+    datamodule = CIFAR10DataModule(
+        args.data_dir, batch_size=args.batch_size, val_size=0, cache_dir=args.cache_dir or default_cache_dir()
+    )
+    datamodule.setup("test")
+    predicted, true = predict_labels(module, datamodule.test_dataloader(), device)
+    class_names = module.class_names
+    matrix = confusion_matrix(predicted, true, len(class_names))
+    accuracy = float((predicted == true).float().mean())
+    per_class = (matrix.diag().float() / matrix.sum(dim=1).clamp(min=1).float()).tolist()
+    print(format_report(accuracy, class_names, per_class, matrix))
+    if args.json:
+        write_json_atomic(Path(args.json), {
+            "checkpoint": str(args.checkpoint),
+            "model": module.hparams.model_name,
+            "images": len(true),
+            "accuracy": accuracy,
+            "per_class_accuracy": dict(zip(class_names, per_class)),
+            "class_names": class_names,
+            "confusion_matrix": matrix.tolist(),
+        })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

@@ -1,0 +1,122 @@
+"""Export a checkpoint's network to ONNX or TorchScript, and check it against PyTorch.
+
+    python export.py lightning_logs/version_0/checkpoints/last.ckpt --format onnx --out resnet50.onnx
+
+The exported model takes normalised ``(N, 3, 32, 32)`` float32 batches of any
+batch size ``N`` (normalise with the CIFAR-10 mean and std, as ``predict.py``
+does) and returns logits. The class names travel with it: ONNX metadata key
+``class_names``, TorchScript extra file ``class_names.json``. After writing,
+the export is run on random batches of two sizes and compared with the
+PyTorch model; a difference above ``--tolerance`` is an error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+from typing import Sequence
+
+from cli import ArgumentParser, UserError, positive_float, run_main
+
+FORMATS = ("onnx", "torchscript")
+
+
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(prog="export.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a .ckpt written by train.py")
+    parser.add_argument("--format", required=True, choices=FORMATS, help="export format")
+    parser.add_argument("--out", required=True, help="file to write (replaced atomically)")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    parser.add_argument("--tolerance", type=positive_float, default=1e-4, help="largest accepted |difference| of logits")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    return parser
+
+
+def export_torchscript(model, path: Path, class_names: list[str]) -> None:
+    import torch
+
+    example = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example)
+    torch.jit.save(traced, str(path), _extra_files={"class_names.json": json.dumps(class_names)})
+
+
+def export_onnx(model, path: Path, class_names: list[str], opset: int) -> None:
+    import onnx
+    import torch
+
+    example = torch.randn(2, 3, 32, 32)
+    torch.onnx.export(
+        model,
+        (example,),
+        str(path),
+        input_names=["images"],
+        output_names=["logits"],
+        dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=opset,
+        dynamo=False,
+    )
+    proto = onnx.load(str(path))
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = "class_names", json.dumps(class_names)
+    onnx.save(proto, str(path))
+
+
+def run_export(path: Path, export_format: str, images):
+    """Logits of the exported file for ``images`` (a float tensor), as a tensor."""
+    import torch
+
+    if export_format == "torchscript":
+        loaded = torch.jit.load(str(path), map_location="cpu")
+        with torch.no_grad():
+            return loaded(images)
+    import onnxruntime
+
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (output,) = session.run(None, {session.get_inputs()[0].name: images.numpy()})
+    return torch.from_numpy(output)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; give a file name")
+    if not out.parent.exists():
+        raise UserError(f"--out {out}: the folder {out.parent} does not exist")
+
+    import torch
+
+    from lit_modules import load_classifier
+
+    # The TorchScript and legacy ONNX exporters announce their own deprecation on every call.
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    module = load_classifier(args.checkpoint)
+    model = module.model.float().to(memory_format=torch.contiguous_format).eval()
+    temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        if args.format == "onnx":
+            export_onnx(model, temporary, module.class_names, args.opset)
+        else:
+            export_torchscript(model, temporary, module.class_names)
+        worst = 0.0
+        for batch_size in (1, 5):
+            images = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(batch_size))
+            with torch.no_grad():
+                expected = model(images)
+            worst = max(worst, float((run_export(temporary, args.format, images) - expected).abs().max()))
+        if worst > args.tolerance:
+            raise UserError(f"the {args.format} export differs from PyTorch by {worst:.2e} (> {args.tolerance:g}); not written")
+        os.replace(temporary, out)
+    finally:
+        temporary.unlink(missing_ok=True)
+    print(f"Wrote {out} ({args.format}, {module.hparams.model_name}); largest |logit difference| vs PyTorch: {worst:.1e}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_main(main))

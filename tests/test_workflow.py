@@ -1,0 +1,216 @@
+"""Resume, fine-tune from weights, evaluate, predict, export, and what TensorBoard receives."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import TINY_RUN
+from tests.helpers import assert_one_line_error, run_script, scalar_tags
+
+RESUMABLE = ("--model", "resnet50_seed", "--precision", "32-true", "--seed", "3", "--log-every-n-steps", "1", *TINY_RUN)
+
+
+def final_weights(run_dir):
+    return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_resume_continues_the_same_run_and_matches_an_uninterrupted_one(image_folder, tmp_path):
+    common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", *RESUMABLE]
+    straight = run_script("train.py", *common, "--logdir", tmp_path / "straight", "--epochs", "3")
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    first = run_script("train.py", *common, "--logdir", tmp_path / "split", "--epochs", "3", "--stop-after-epochs", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert json.loads((tmp_path / "split" / "version_0" / "run_info.json").read_text())["epochs"] == 2
+    resumed = run_script("train.py", *common, "--logdir", tmp_path / "split", "--ckpt-path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+
+    assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["version_0"]
+    split_tags, straight_tags = scalar_tags(tmp_path / "split" / "version_0"), scalar_tags(tmp_path / "straight" / "version_0")
+    assert len(split_tags["val/acc"]) == 3
+    assert split_tags["train/loss_step"] == pytest.approx(straight_tags["train/loss_step"], abs=1e-6)
+    assert split_tags["val/acc"] == pytest.approx(straight_tags["val/acc"], abs=1e-6)
+    assert resumed.stdout.strip().splitlines()[-1] == straight.stdout.strip().splitlines()[-1]
+    split_weights, straight_weights = final_weights(tmp_path / "split" / "version_0"), final_weights(tmp_path / "straight" / "version_0")
+    assert all(torch.equal(split_weights[key], straight_weights[key]) for key in straight_weights)
+    checkpoint = torch.load(tmp_path / "split" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 9  # 3 epochs of 3 steps
+
+    other_plan = run_script("train.py", *common, "--logdir", tmp_path / "split", "--ckpt-path", "last", "--epochs", "5")
+    assert_one_line_error(other_plan, "planned for 3 epochs", "--epochs 3")
+
+
+def save_state_dict_variants(best_checkpoint, tmp_path):
+    from lit_modules.checkpointing import extract_model_weights, read_checkpoint
+
+    weights = extract_model_weights(read_checkpoint(best_checkpoint), best_checkpoint)
+    paths = {"plain": tmp_path / "plain.pt", "state_dict": tmp_path / "wrapped.pt", "model": tmp_path / "model.pth"}
+    torch.save(weights, paths["plain"])
+    torch.save({"state_dict": weights}, paths["state_dict"])
+    torch.save({"model": {f"module.{k}": v for k, v in weights.items()}, "epoch": 3}, paths["model"])
+    return weights, paths
+
+
+def test_init_weights_accepts_every_saved_form(best_checkpoint, tmp_path):
+    from lit_modules.checkpointing import init_weights
+    from models import get_model
+
+    weights, paths = save_state_dict_variants(best_checkpoint, tmp_path)
+    for path in [best_checkpoint, *paths.values()]:
+        model = get_model("resnet50")
+        assert init_weights(model, path) == []
+        assert all(torch.equal(model.state_dict()[k], weights[k]) for k in weights)
+
+
+def test_init_strict_and_non_strict(best_checkpoint, tmp_path):
+    from lit_modules.checkpointing import CheckpointError, init_weights
+    from models import get_model
+
+    head100 = tmp_path / "head100.pt"
+    torch.save(get_model("resnet50", num_classes=100).state_dict(), head100)
+    with pytest.raises(CheckpointError, match=r"shape mismatch: fc.weight \(100, 2048\) vs \(10, 2048\), fc.bias"):
+        init_weights(get_model("resnet50"), head100)
+    model = get_model("resnet50", num_classes=100)
+    skipped = init_weights(model, best_checkpoint, strict=False)
+    assert skipped == ["fc.weight (10, 2048) vs (100, 2048)", "fc.bias (10,) vs (100,)"]
+    source = torch.load(best_checkpoint, weights_only=True)["state_dict"]
+    assert torch.equal(model.conv1.weight, source["model.conv1.weight"])
+
+
+def test_init_from_on_the_command_line(best_checkpoint, image_folder, tmp_path):
+    """The seed's workflow in one command: load weights, train one epoch on the CPU, print the test accuracy."""
+    common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", tmp_path / "logs", *TINY_RUN]
+    result = run_script("train.py", "--init-from", best_checkpoint, "--epochs", "1", *common)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"Initialised from {best_checkpoint}\n" in result.stdout
+    assert re.search(r"Test accuracy: \d+\.\d\d %$", result.stdout.strip())
+    assert (tmp_path / "logs" / "version_0" / "checkpoints" / "last.ckpt").is_file()
+
+    vgg = tmp_path / "vgg16.pt"
+    from models import get_model
+
+    torch.save(get_model("vgg16").state_dict(), vgg)
+    refused = run_script("train.py", "--init-from", vgg, "--fast-dev-run", *common)
+    assert_one_line_error(refused, f"{vgg} does not fit --model", "missing: conv1.weight", "unexpected: features.0.weight")
+    loose = run_script("train.py", "--model", "vgg16", "--init-from", best_checkpoint, "--init-strict", "false",
+                       "--fast-dev-run", *common)
+    assert loose.returncode == 2 and "none of its weights fits" in loose.stderr
+
+
+def test_evaluate_prints_and_writes_the_report(trained_run, best_checkpoint, image_folder, tmp_path):
+    _, training = trained_run
+    report = tmp_path / "report.json"
+    result = run_script("evaluate.py", best_checkpoint, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
+                        "--json", report)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0] == training.stdout.strip().splitlines()[-1]  # same test accuracy
+    assert "Per-class accuracy:" in result.stdout and "Confusion matrix" in result.stdout
+    data = json.loads(report.read_text())
+    matrix = np.array(data["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == 30 and (matrix.sum(axis=1) == 3).all()
+    assert data["accuracy"] == pytest.approx(np.trace(matrix) / 30)
+    assert data["per_class_accuracy"]["cat"] == pytest.approx(matrix[3, 3] / 3)
+    assert data["model"] == "resnet50" and data["class_names"][0] == "airplane"
+
+
+@pytest.fixture
+def prediction_inputs(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "images"
+    (folder / "nested").mkdir(parents=True)
+    Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(folder / "small.png")
+    Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)).save(folder / "large.jpg")
+    Image.fromarray(rng.integers(0, 256, (50, 50), dtype=np.uint8)).save(folder / "nested" / "gray.png")
+    Image.fromarray(rng.integers(0, 256, (20, 30, 4), dtype=np.uint8), "RGBA").save(folder / "rgba.png")
+    (folder / "notes.txt").write_text("not an image")
+    return folder
+
+
+def test_predict_on_files_and_folders(best_checkpoint, prediction_inputs, tmp_path):
+    result = run_script("predict.py", best_checkpoint, prediction_inputs, "--top-k", "3", "--json")
+    assert result.returncode == 1  # one file was not an image
+    assert "notes.txt is not a readable image" in result.stderr and "Traceback" not in result.stderr
+    data = json.loads(result.stdout)
+    files = [r["file"].split("/images/")[1] for r in data["results"]]
+    assert files == ["large.jpg", "nested/gray.png", "rgba.png", "small.png"]
+    assert data["failed"] == [str(prediction_inputs / "notes.txt")]
+    for entry in data["results"]:
+        probabilities = [p["probability"] for p in entry["predictions"]]
+        assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
+        assert 0 < sum(probabilities) <= 1.0 + 1e-5
+
+    text = run_script("predict.py", best_checkpoint, prediction_inputs / "small.png", "--top-k", "2")
+    assert text.returncode == 0
+    assert re.fullmatch(r".*small\.png: \w+ \d+\.\d%, \w+ \d+\.\d%\n", text.stdout)
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_one_line_error(run_script("predict.py", best_checkpoint, empty), "empty folder")
+    assert_one_line_error(run_script("predict.py", best_checkpoint, tmp_path / "nope.png"), "nope.png: no such file")
+
+
+@pytest.mark.parametrize("export_format", ["onnx", "torchscript"])
+def test_export_matches_pytorch(best_checkpoint, tmp_path, export_format):
+    from lit_modules import load_classifier
+
+    out = tmp_path / f"model.{export_format}"
+    result = run_script("export.py", best_checkpoint, "--format", export_format, "--out", out)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert out.is_file() and f"Wrote {out}" in result.stdout
+    reference = load_classifier(best_checkpoint).model.float().eval()
+    for batch_size in (1, 7):
+        images = torch.randn(batch_size, 3, 32, 32)
+        with torch.no_grad():
+            expected = reference(images)
+        if export_format == "onnx":
+            import onnxruntime
+
+            session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+            (got,) = session.run(None, {"images": images.numpy()})
+            got = torch.from_numpy(got)
+            assert json.loads(session.get_modelmeta().custom_metadata_map["class_names"])[3] == "cat"
+        else:
+            files = {"class_names.json": ""}
+            loaded = torch.jit.load(str(out), _extra_files=files)
+            with torch.no_grad():
+                got = loaded(images)
+            assert json.loads(files["class_names.json"])[3] == "cat"
+        assert got.shape == (batch_size, 10)
+        assert (got - expected).abs().max() <= 1e-4
+
+
+def test_predict_runs_an_exported_onnx_model(best_checkpoint, prediction_inputs, tmp_path):
+    out = tmp_path / "model.onnx"
+    assert run_script("export.py", best_checkpoint, "--format", "onnx", "--out", out).returncode == 0
+    from_onnx = run_script("predict.py", out, prediction_inputs / "small.png", prediction_inputs / "large.jpg", "--json")
+    from_ckpt = run_script("predict.py", best_checkpoint, prediction_inputs / "small.png", prediction_inputs / "large.jpg", "--json")
+    assert from_onnx.returncode == 0 and from_ckpt.returncode == 0
+    onnx_results, ckpt_results = json.loads(from_onnx.stdout)["results"], json.loads(from_ckpt.stdout)["results"]
+    for a, b in zip(onnx_results, ckpt_results):
+        assert [p["class"] for p in a["predictions"]] == [p["class"] for p in b["predictions"]]
+        assert [p["probability"] for p in a["predictions"]] == pytest.approx([p["probability"] for p in b["predictions"]], abs=1e-4)
+
+
+def test_tensorboard_gets_images_text_per_class_scalars_and_hparams(trained_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = trained_run
+    images, texts, hparams_tags = set(), set(), set()
+    for event_file in run_dir.glob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(event_file), size_guidance={"images": 0, "tensors": 0})
+        accumulator.Reload()
+        images |= set(accumulator.Tags()["images"])
+        texts |= set(accumulator.Tags()["tensors"])
+        try:
+            hparams_tags |= set(accumulator.PluginTagToContent("hparams"))
+        except KeyError:  # this file holds no hparams summary
+            pass
+    assert {"val/confusion_matrix", "test/confusion_matrix", "test/misclassified"} <= images
+    assert any(tag.startswith("model/summary") for tag in texts)
+    assert {"_hparams_/experiment", "_hparams_/session_start_info"} <= hparams_tags
+    tags = scalar_tags(run_dir)
+    assert len(tags["val/acc_class/cat"]) == 2 and "test/acc_class/truck" in tags
+    assert tags["hp/test_acc"] == tags["test/acc"]
