@@ -11,6 +11,7 @@ the best checkpoint is tested and the script ends with ``Test accuracy: NN.NN %`
 
 from __future__ import annotations
 
+import inspect
 import os
 import platform
 import re
@@ -153,6 +154,20 @@ def parse_devices(text: str, accelerator: str):
     raise UserError(f"--devices takes a count, a list like 0,1, or auto; got {text!r}")
 
 
+def check_devices(accelerator: str, devices) -> None:
+    """A GPU asked for where there is none, or more GPUs than exist: say so before Lightning does, in plainer words."""
+    import torch
+
+    if accelerator not in ("gpu", "cuda"):
+        return
+    available = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if available == 0:
+        raise UserError(f"--accelerator {accelerator}: no CUDA GPU is available on this machine; use --accelerator cpu or auto")
+    wanted = devices if isinstance(devices, int) else (max(devices) + 1 if isinstance(devices, list) else 1)
+    if wanted > available:
+        raise UserError(f"--devices {devices}: this machine has {available} GPU(s); ask for at most that many")
+
+
 def model_options(args) -> dict:
     if args.model.startswith("resnet"):
         return {"stem": args.stem, "zero_init_residual": args.zero_init_residual}
@@ -225,6 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     from lit_modules.callbacks import CheckpointOnInterrupt, PeriodicCheckpoint, StopAfterEpochs
 
+    check_devices(args.accelerator, devices)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     precision = resolve_precision(args.precision, args.accelerator)
 
@@ -294,9 +310,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         save_top_k=1,
         save_last=True,
         filename="best-{epoch:03d}" if has_validation else "epoch-{epoch:03d}",
+        enable_version_counter=False,  # last.ckpt may come from an interrupt or a periodic save: replace it
     )
-    callbacks = [best_checkpoint, CheckpointOnInterrupt(checkpoint_dir / "last.ckpt")]
-    if args.checkpoint_every_n_steps:
+    callbacks = [] if args.fast_dev_run else [best_checkpoint, CheckpointOnInterrupt(checkpoint_dir / "last.ckpt")]
+    if args.checkpoint_every_n_steps and not args.fast_dev_run:
         callbacks.append(PeriodicCheckpoint(checkpoint_dir / "last.ckpt", args.checkpoint_every_n_steps))
     if args.stop_after_epochs:
         callbacks.append(StopAfterEpochs(args.stop_after_epochs))
@@ -310,7 +327,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             num_nodes=args.num_nodes,
             strategy=args.strategy,
             precision=precision,
-            logger=logger,
+            logger=False if args.fast_dev_run else logger,
             callbacks=callbacks,
             plugins=[AtomicCheckpointIO()],
             enable_progress_bar=args.progress_refresh > 0,
@@ -338,19 +355,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     if trainer.is_global_zero and not args.fast_dev_run:
         write_json_atomic(run_info_path, run_info)
 
+    # Our checkpoints hold only tensors and plain types; newer Lightning can load them without unpickling code.
+    safe_load = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None)
-    except SIGTERMException:
-        if trainer.is_global_zero:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, **safe_load)
+    except (SystemExit, SIGTERMException):
+        # Ctrl-C ends in Lightning's sys.exit(1), SIGTERM in SIGTERMException or the same exit;
+        # either way CheckpointOnInterrupt has saved last.ckpt first.
+        if not trainer.interrupted:
+            raise
+        by_sigterm = trainer.received_sigterm
+        if trainer.is_global_zero and not args.fast_dev_run:
             run_info.update(status="interrupted", ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
             write_json_atomic(run_info_path, run_info)
-            print(f"train.py: stopped by SIGTERM; resume with --ckpt-path {checkpoint_dir / 'last.ckpt'}", file=sys.stderr)
-        return 143
-    if trainer.interrupted:  # Ctrl-C: CheckpointOnInterrupt has saved last.ckpt
-        return 130
+            cause = "stopped by SIGTERM" if by_sigterm else "interrupted"
+            print(f"train.py: {cause}; resume with --ckpt-path {checkpoint_dir / 'last.ckpt'}", file=sys.stderr)
+        return 143 if by_sigterm else 130
 
-    best = best_checkpoint.best_model_path or best_checkpoint.last_model_path
-    results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False)
+    best = "" if args.fast_dev_run else best_checkpoint.best_model_path or best_checkpoint.last_model_path
+    results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, **safe_load)
     test_accuracy = results[0]["test/acc"]
     if trainer.is_global_zero:
         if best:

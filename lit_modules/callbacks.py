@@ -22,7 +22,7 @@ class PeriodicCheckpoint(pl.Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if trainer.global_step % self.every_n_steps == 0 and not trainer.sanity_checking:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
 
 
 class CheckpointOnInterrupt(pl.Callback):
@@ -39,7 +39,7 @@ class CheckpointOnInterrupt(pl.Callback):
 
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
         if trainer.state.fn == "fit" and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path)
+            trainer.save_checkpoint(self.path, weights_only=False)
 
 
 class StopAfterEpochs(pl.Callback):

@@ -180,7 +180,8 @@ class LitClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The schedule's length is fixed by the epochs planned at the start; a resumed run must keep it.
-        checkpoint["planned_epochs"] = self.trainer.max_epochs
+        if self._trainer is not None:
+            checkpoint["planned_epochs"] = self._trainer.max_epochs
 
     # ---- optimisation ---------------------------------------------------------------------------
 

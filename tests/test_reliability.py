@@ -1,0 +1,272 @@
+"""Nothing lost on interruption, clear errors for bad input, the same result twice, and DDP."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from tests.conftest import TINY_RUN, write_image_folder
+from tests.helpers import ROOT, assert_one_line_error, run_script, scalar_tags
+
+SMALL = ("--model", "resnet50_seed", "--precision", "32-true", *TINY_RUN)
+
+
+def start_training(*args, cwd=ROOT) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "train.py"), *map(str, args)],
+        cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def wait_for_step(checkpoint, step: int, process: subprocess.Popen, timeout: float = 180) -> int:
+    """Poll until ``checkpoint`` holds a global step of at least ``step``; returns that step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        if checkpoint.is_file():
+            try:
+                saved = torch.load(checkpoint, map_location="cpu", weights_only=True)["global_step"]
+            except Exception:
+                saved = -1  # being replaced right now: os.replace makes that atomic, but be patient
+            if saved >= step:
+                return saved
+        time.sleep(0.1)
+    raise AssertionError(f"{checkpoint} never reached step {step}")
+
+
+@pytest.mark.parametrize("stop_signal, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_interrupted_run_resumes_to_the_planned_epoch_count(image_folder, tmp_path, stop_signal, exit_code):
+    logdir = tmp_path / "logs"
+    common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *SMALL]
+    process = start_training(*common, "--epochs", "8", "--checkpoint-every-n-steps", "1")
+    last = logdir / "version_0" / "checkpoints" / "last.ckpt"
+    seen = wait_for_step(last, 4, process)
+    process.send_signal(stop_signal)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == exit_code, stderr[-3000:]
+    assert "Traceback" not in stderr
+    interrupted = torch.load(last, map_location="cpu", weights_only=True)
+    assert interrupted["global_step"] >= seen and interrupted["epoch"] < 7
+    if stop_signal == signal.SIGTERM:
+        assert "stopped by SIGTERM; resume with --ckpt-path" in stderr
+        assert json.loads((logdir / "version_0" / "run_info.json").read_text())["status"] == "interrupted"
+
+    resumed = run_script("train.py", *common, "--ckpt-path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert sorted(p.name for p in logdir.iterdir()) == ["version_0"]
+    final = torch.load(last, map_location="cpu", weights_only=True)
+    assert final["epoch"] == 7 and final["global_step"] >= 8 * 3
+    assert json.loads((logdir / "version_0" / "run_info.json").read_text())["epochs"] == 8
+    assert len(scalar_tags(logdir / "version_0")["val/acc"]) >= 8
+
+
+def test_hard_kill_loses_at_most_the_checkpoint_interval(image_folder, tmp_path):
+    logdir = tmp_path / "logs"
+    common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *SMALL]
+    process = start_training(*common, "--epochs", "8", "--checkpoint-every-n-steps", "2")
+    last = logdir / "version_0" / "checkpoints" / "last.ckpt"
+    wait_for_step(last, 5, process)
+    process.kill()
+    process.communicate(timeout=60)
+    saved = torch.load(last, map_location="cpu", weights_only=True)  # whole, never truncated
+    assert saved["global_step"] >= 4
+    resumed = run_script("train.py", *common, "--ckpt-path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 7
+
+
+def test_periodic_checkpoint_saves_every_n_steps(image_folder, tmp_path):
+    import pytorch_lightning as pl
+
+    from datamodules import CIFAR10DataModule
+    from lit_modules import LitClassifier
+    from lit_modules.callbacks import PeriodicCheckpoint
+
+    saved_at = []
+
+    class Recorder(PeriodicCheckpoint):
+        def on_train_batch_end(self, trainer, *args):
+            before = self.path.stat().st_mtime_ns if self.path.exists() else None
+            super().on_train_batch_end(trainer, *args)
+            if self.path.exists() and self.path.stat().st_mtime_ns != before:
+                saved_at.append(trainer.global_step)
+
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         callbacks=[Recorder(tmp_path / "last.ckpt", every_n_steps=2)])
+    trainer.fit(LitClassifier("resnet50_seed"), datamodule=CIFAR10DataModule(image_folder, batch_size=16, val_size=20, cache_dir=None))
+    assert saved_at == [2, 4, 6, 8]  # 3 epochs x 3 steps
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    import lit_modules.checkpointing as checkpointing
+
+    target = tmp_path / "last.ckpt"
+    io = checkpointing.AtomicCheckpointIO()
+    io.save_checkpoint({"state_dict": {"w": torch.ones(3)}}, target)
+    original = target.read_bytes()
+
+    def killed_half_way(obj, stream):
+        stream.write(b"PK\x03\x04 half a zip")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(checkpointing.torch, "save", killed_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, target)
+    assert target.read_bytes() == original
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_unwritable_logdir_is_refused_before_training(image_folder, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    result = run_script("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
+                        "--logdir", blocker / "logs", *SMALL)
+    assert_one_line_error(result, f"--logdir {blocker / 'logs'} is not writable")
+
+
+def test_full_disk_is_refused_before_training(image_folder, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    import train
+    from cli import run_main
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 5 * 2**20, 5 * 2**20))
+    code = run_main(train.main, ["--data-dir", str(image_folder), "--cache-dir", str(tmp_path / "cache"),
+                                 "--logdir", str(tmp_path / "logs"), *SMALL])
+    assert code == 2
+    assert "5 MiB free, about" in capsys.readouterr().err
+    assert list((tmp_path / "logs").iterdir()) == []
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(best_checkpoint, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bad_checkpoints")
+    text = folder / "notes.ckpt"
+    text.write_text("these are not weights")
+    truncated = folder / "truncated.ckpt"
+    data = best_checkpoint.read_bytes()
+    truncated.write_bytes(data[: len(data) // 2])
+    plain = folder / "plain.pt"
+    torch.save({"weights": [1, 2, 3]}, plain)
+    foreign = folder / "foreign.ckpt"
+    checkpoint = torch.load(best_checkpoint, map_location="cpu", weights_only=True)
+    checkpoint["hyper_parameters"]["model_name"] = "efficientnet_b0"
+    torch.save(checkpoint, foreign)
+    return {"text": text, "truncated": truncated, "plain": plain, "foreign": foreign}
+
+
+@pytest.mark.parametrize(
+    "kind, fragment",
+    [
+        ("text", "is not a readable PyTorch checkpoint"),
+        ("truncated", "is not a readable PyTorch checkpoint"),
+        ("plain", "is not a train.py checkpoint"),
+        ("foreign", "unknown architecture 'efficientnet_b0'"),
+    ],
+)
+@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "predict.py", "export.py"])
+def test_bad_checkpoints_get_one_line_and_exit_2(bad_checkpoints, image_folder, tmp_path, kind, fragment, script):
+    path = bad_checkpoints[kind]
+    arguments = {
+        "train.py": ["--ckpt-path", path, "--data-dir", image_folder, "--logdir", tmp_path / "logs"],
+        "evaluate.py": [path, "--data-dir", image_folder],
+        "predict.py": [path, ROOT / "README.md"],
+        "export.py": [path, "--format", "onnx", "--out", tmp_path / "model.onnx"],
+    }[script]
+    result = run_script(script, *arguments)
+    assert_one_line_error(result, str(path), fragment)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_debug_flag_shows_the_traceback(bad_checkpoints, image_folder):
+    result = run_script("evaluate.py", bad_checkpoints["text"], "--data-dir", image_folder, "--debug")
+    assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
+def test_gpu_without_a_gpu_is_one_line(image_folder, tmp_path):
+    result = run_script("train.py", "--accelerator", "gpu", "--data-dir", image_folder, "--cache-dir", tmp_path / "c",
+                        "--logdir", tmp_path / "logs", "--val-size", "20")
+    assert_one_line_error(result, "--accelerator gpu: no CUDA GPU is available on this machine")
+
+
+def test_deterministic_runs_are_bit_identical(image_folder, tmp_path):
+    runs = []
+    for name in ("first", "second"):
+        logdir = tmp_path / name
+        result = run_script("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir,
+                            "--model", "resnet50_seed", "--epochs", "2", "--seed", "5", "--deterministic",
+                            "--log-every-n-steps", "1", *TINY_RUN)
+        assert result.returncode == 0, result.stderr[-3000:]
+        run_dir = logdir / "version_0"
+        weights = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+        runs.append((scalar_tags(run_dir)["train/loss_step"], weights, result.stdout.strip().splitlines()[-1]))
+    (losses_a, weights_a, line_a), (losses_b, weights_b, line_b) = runs
+    assert len(losses_a) == 6 and losses_a == losses_b and line_a == line_b
+    assert all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
+
+
+DDP_RUNNER = textwrap.dedent(
+    """
+    # Records a hash of every training image each DDP process receives, then runs train.py's main.
+    import hashlib, os, sys
+    sys.path.insert(0, {root!r})
+    import datamodules.cifar10 as cifar10
+    original = cifar10.CIFAR10DataModule.on_after_batch_transfer
+
+    def recording(self, batch, dataloader_idx):
+        if self.trainer is not None and self.trainer.training:
+            with open(os.path.join({out!r}, f"rank{{self.trainer.global_rank}}.txt"), "a") as seen:
+                for image in batch[0]:
+                    seen.write(hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest() + "\\n")
+        return original(self, batch, dataloader_idx)
+
+    cifar10.CIFAR10DataModule.on_after_batch_transfer = recording
+    import train
+    from cli import run_main
+    sys.exit(run_main(train.main))
+    """
+)
+
+
+def test_ddp_on_two_cpu_processes_shards_data_and_syncs_metrics(image_folder, tmp_path):
+    from datamodules import load_cifar10
+    from datamodules.cifar10 import split_train_val
+
+    runner = tmp_path / "ddp_train.py"
+    runner.write_text(DDP_RUNNER.format(root=str(ROOT), out=str(tmp_path)))
+    logdir = tmp_path / "logs"
+    result = subprocess.run(
+        [sys.executable, str(runner), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+         "--model", "resnet50_seed", "--epochs", "1", "--batch-size", "10", "--val-size", "20", "--precision", "32-true",
+         "--data-dir", str(image_folder), "--cache-dir", str(tmp_path / "cache"), "--logdir", str(logdir),
+         "--progress-refresh", "0"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    seen = [(tmp_path / f"rank{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert len(seen[0]) == len(seen[1]) == 30
+    assert set(seen[0]).isdisjoint(seen[1])
+
+    arrays = load_cifar10(image_folder, cache_dir=None)
+    train_index, _ = split_train_val(len(arrays["train_labels"]), 20, seed=0)
+    expected = {hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest() for image in arrays["train_images"][train_index]}
+    assert set(seen[0]) | set(seen[1]) == expected  # recorded before augmentation: every image exactly once
+
+    run_dir = logdir / "version_0"
+    assert sorted(p.name for p in logdir.iterdir()) == ["version_0"]
+    logged = scalar_tags(run_dir)["test/acc"][0]
+    (best,) = (run_dir / "checkpoints").glob("best-*.ckpt")
+    evaluation = run_script("evaluate.py", best, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
+                            "--json", tmp_path / "eval.json")
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert json.loads((tmp_path / "eval.json").read_text())["accuracy"] == pytest.approx(logged, abs=1e-6)
