@@ -40,7 +40,7 @@ from models import list_models
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
-DEFAULT_EPOCHS = 25
+DEFAULT_EPOCHS = 24
 RUN_VERSION_VARIABLE = "TRAIN_PY_RUN_VERSION"  # lets DDP worker processes log to the parent's version_N
 
 
@@ -68,7 +68,7 @@ def build_parser() -> ArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, default=None,
-                       help="training epochs; the learning-rate schedule spans them (default: 25, or the resumed run's)")
+                       help="training epochs; the learning-rate schedule spans them (default: 24, or the resumed run's)")
     optim.add_argument("--optimizer", default="sgd", choices=("sgd", "adam", "adamw"), help="SGD uses Nesterov momentum")
     optim.add_argument("--lr", type=positive_float, default=0.05, help="peak learning rate")
     optim.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
