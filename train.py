@@ -213,6 +213,90 @@ def library_versions() -> dict[str, str]:
     }
 
 
+def build_module(args, ckpt_path: Path | None):
+    """The LitClassifier to train: rebuilt from the checkpoint when resuming, else from the flags.
+
+    Also settles ``args.epochs``: a resumed run keeps the epoch count its schedule was planned for.
+    """
+    from lit_modules import LitClassifier
+    from lit_modules.checkpointing import classifier_from_hparams, init_weights, read_lightning_checkpoint
+
+    if ckpt_path is not None:
+        resumed = read_lightning_checkpoint(ckpt_path)
+        module = classifier_from_hparams(resumed["hyper_parameters"])
+        planned = resumed.get("planned_epochs")
+        if args.epochs is None:
+            args.epochs = planned or DEFAULT_EPOCHS
+        elif planned and args.epochs != planned and module.hparams.scheduler != "none":
+            raise UserError(
+                f"{ckpt_path} belongs to a run planned for {planned} epochs, whose learning-rate schedule ends there; "
+                f"resume with --epochs {planned} (or leave --epochs out), or start a new run with --init-from"
+            )
+        return module
+    args.epochs = args.epochs or DEFAULT_EPOCHS
+    module = LitClassifier(
+        model_name=args.model,
+        model_options=model_options(args),
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing,
+        scheduler=args.scheduler,
+        warmup_fraction=args.warmup_fraction,
+        channels_last=args.channels_last,
+    )
+    if args.init_from:
+        skipped = init_weights(module.model, args.init_from, strict=args.init_strict)
+        print(f"Initialised from {args.init_from}" + (f"; skipped {len(skipped)}: {', '.join(skipped)}" if skipped else ""))
+    return module
+
+
+def run_version(ckpt_path: Path | None, logdir: Path, is_worker: bool) -> int | None:
+    """The version_N to log to: the resumed run's, the parent process's (DDP workers), or the next free one."""
+    if ckpt_path is not None:
+        version = run_version_of(ckpt_path, logdir)
+    elif is_worker and RUN_VERSION_VARIABLE in os.environ:
+        version = int(os.environ[RUN_VERSION_VARIABLE])
+    else:
+        version = next_version(logdir)
+    if version is not None and not is_worker:
+        os.environ[RUN_VERSION_VARIABLE] = str(version)  # inherited by the DDP processes Lightning starts
+    return version
+
+
+def build_callbacks(args, checkpoint_dir: Path, has_validation: bool):
+    """(callbacks, the best-checkpoint callback or None under --fast-dev-run)."""
+    from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
+
+    from lit_modules.callbacks import CheckpointOnInterrupt, EpochTimer, PeriodicCheckpoint, StopAfterEpochs
+
+    callbacks: list = [EpochTimer()]
+    best_checkpoint = None
+    if not args.fast_dev_run:
+        best_checkpoint = ModelCheckpoint(
+            dirpath=checkpoint_dir,
+            monitor="val/acc" if has_validation else None,
+            mode="max",
+            save_top_k=1,
+            save_last=True,
+            filename="best-{epoch:03d}" if has_validation else "epoch-{epoch:03d}",
+            enable_version_counter=False,  # last.ckpt may come from an interrupt or a periodic save: replace it
+        )
+        callbacks += [best_checkpoint, CheckpointOnInterrupt(checkpoint_dir / "last.ckpt")]
+        if args.checkpoint_every_n_steps:
+            callbacks.append(PeriodicCheckpoint(checkpoint_dir / "last.ckpt", args.checkpoint_every_n_steps))
+    if args.stop_after_epochs:
+        callbacks.append(StopAfterEpochs(args.stop_after_epochs))
+    if args.progress_refresh > 0:
+        callbacks.append(TQDMProgressBar(refresh_rate=args.progress_refresh))
+    return callbacks, best_checkpoint
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logdir = Path(args.logdir)
@@ -225,54 +309,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import pytorch_lightning as pl
     from lightning_fabric.utilities.exceptions import MisconfigurationException
-    from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
     from pytorch_lightning.loggers import TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from datamodules import CIFAR10DataModule
     from datamodules.cifar10 import default_cache_dir
-    from lit_modules import LitClassifier
-    from lit_modules.checkpointing import (
-        AtomicCheckpointIO,
-        classifier_from_hparams,
-        init_weights,
-        read_lightning_checkpoint,
-    )
-    from lit_modules.callbacks import CheckpointOnInterrupt, PeriodicCheckpoint, StopAfterEpochs
+    from lit_modules.checkpointing import AtomicCheckpointIO
 
     check_devices(args.accelerator, devices)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     precision = resolve_precision(args.precision, args.accelerator)
-
-    if ckpt_path is not None:
-        # Resuming: the checkpoint's own hyperparameters rebuild the model; fit() restores the rest.
-        resumed = read_lightning_checkpoint(ckpt_path)
-        module = classifier_from_hparams(resumed["hyper_parameters"])
-        planned = resumed.get("planned_epochs")
-        if args.epochs is None:
-            args.epochs = planned or DEFAULT_EPOCHS
-        elif planned and args.epochs != planned and module.hparams.scheduler != "none":
-            raise UserError(
-                f"{ckpt_path} belongs to a run planned for {planned} epochs, whose learning-rate schedule ends there; "
-                f"resume with --epochs {planned} (or leave --epochs out), or start a new run with --init-from"
-            )
-    else:
-        args.epochs = args.epochs or DEFAULT_EPOCHS
-        module = LitClassifier(
-            model_name=args.model,
-            model_options=model_options(args),
-            optimizer=args.optimizer,
-            lr=args.lr,
-            momentum=args.momentum,
-            weight_decay=args.weight_decay,
-            label_smoothing=args.label_smoothing,
-            scheduler=args.scheduler,
-            warmup_fraction=args.warmup_fraction,
-            channels_last=args.channels_last,
-        )
-        if args.init_from:
-            skipped = init_weights(module.model, args.init_from, strict=args.init_strict)
-            print(f"Initialised from {args.init_from}" + (f"; skipped {len(skipped)}: {', '.join(skipped)}" if skipped else ""))
+    module = build_module(args, ckpt_path)
     if args.compile:
         module.model.compile()
 
@@ -291,34 +338,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.fast_dev_run and not is_worker:
         num_parameters = sum(p.numel() for p in module.parameters())
         check_logdir(logdir, 3 * estimated_checkpoint_bytes(num_parameters))
-    if ckpt_path is not None:
-        version = run_version_of(ckpt_path, logdir)
-    elif is_worker and RUN_VERSION_VARIABLE in os.environ:
-        version = int(os.environ[RUN_VERSION_VARIABLE])
-    else:
-        version = next_version(logdir)
-    if version is not None and not is_worker:
-        os.environ[RUN_VERSION_VARIABLE] = str(version)  # inherited by the DDP processes Lightning starts
-    logger = TensorBoardLogger(save_dir=str(logdir), name="", version=version, default_hp_metric=False)
-    checkpoint_dir = Path(logger.log_dir) / "checkpoints"
-
+    logger = TensorBoardLogger(save_dir=str(logdir), name="", version=run_version(ckpt_path, logdir, is_worker),
+                               default_hp_metric=False)
+    run_dir = Path(logger.log_dir)
+    checkpoint_dir = run_dir / "checkpoints"
     has_validation = args.val_size > 0 and args.limit_val_batches != 0
-    best_checkpoint = ModelCheckpoint(
-        dirpath=checkpoint_dir,
-        monitor="val/acc" if has_validation else None,
-        mode="max",
-        save_top_k=1,
-        save_last=True,
-        filename="best-{epoch:03d}" if has_validation else "epoch-{epoch:03d}",
-        enable_version_counter=False,  # last.ckpt may come from an interrupt or a periodic save: replace it
-    )
-    callbacks = [] if args.fast_dev_run else [best_checkpoint, CheckpointOnInterrupt(checkpoint_dir / "last.ckpt")]
-    if args.checkpoint_every_n_steps and not args.fast_dev_run:
-        callbacks.append(PeriodicCheckpoint(checkpoint_dir / "last.ckpt", args.checkpoint_every_n_steps))
-    if args.stop_after_epochs:
-        callbacks.append(StopAfterEpochs(args.stop_after_epochs))
-    if args.progress_refresh > 0:
-        callbacks.append(TQDMProgressBar(refresh_rate=args.progress_refresh))
+    callbacks, best_checkpoint = build_callbacks(args, checkpoint_dir, has_validation)
     try:
         trainer = pl.Trainer(
             max_epochs=args.epochs,
@@ -341,7 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (MisconfigurationException, ValueError, RuntimeError) as error:
         raise UserError(str(error).strip().splitlines()[0]) from None
 
-    run_info_path = Path(logger.log_dir) / "run_info.json"
+    keeps_records = trainer.is_global_zero and not args.fast_dev_run
     run_info = {
         "command": shlex.join(["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
         "seed": args.seed,
@@ -350,10 +375,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "resumed_from": str(ckpt_path) if ckpt_path else None,
         "versions": library_versions(),
         "status": "running",
-        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "started": now(),
     }
-    if trainer.is_global_zero and not args.fast_dev_run:
-        write_json_atomic(run_info_path, run_info)
+    if keeps_records:
+        write_json_atomic(run_dir / "run_info.json", run_info)
 
     # Our checkpoints hold only tensors and plain types; newer Lightning can load them without unpickling code.
     safe_load = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
@@ -365,29 +390,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not trainer.interrupted:
             raise
         by_sigterm = trainer.received_sigterm
-        if trainer.is_global_zero and not args.fast_dev_run:
-            run_info.update(status="interrupted", ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
-            write_json_atomic(run_info_path, run_info)
+        if keeps_records:
+            write_json_atomic(run_dir / "run_info.json", {**run_info, "status": "interrupted", "ended": now()})
             cause = "stopped by SIGTERM" if by_sigterm else "interrupted"
             print(f"train.py: {cause}; resume with --ckpt-path {checkpoint_dir / 'last.ckpt'}", file=sys.stderr)
         return 143 if by_sigterm else 130
 
-    best = "" if args.fast_dev_run else best_checkpoint.best_model_path or best_checkpoint.last_model_path
+    best = best_checkpoint.best_model_path or best_checkpoint.last_model_path if best_checkpoint else ""
     results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, **safe_load)
     test_accuracy = results[0]["test/acc"]
+    if keeps_records:
+        metrics = {"hp/test_acc": test_accuracy}
+        if best_checkpoint.best_model_score is not None:
+            metrics["hp/best_val_acc"] = float(best_checkpoint.best_model_score)
+        logger.log_hyperparams(module.hparams, metrics)
+        logger.finalize("success")
+        write_json_atomic(run_dir / "run_info.json", {
+            **run_info, "status": "finished", "ended": now(), "test_acc": test_accuracy,
+            "best_checkpoint": best, "epochs": trainer.current_epoch,
+        })
     if trainer.is_global_zero:
         if best:
             print(f"Checkpoint tested: {best}")
-        if not args.fast_dev_run:
-            best_val = best_checkpoint.best_model_score
-            metrics = {"hp/test_acc": test_accuracy}
-            if best_val is not None:
-                metrics["hp/best_val_acc"] = float(best_val)
-            logger.log_hyperparams(module.hparams, metrics)
-            logger.finalize("success")
-            run_info.update(status="finished", ended=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                            test_acc=test_accuracy, best_checkpoint=best, epochs=trainer.current_epoch)
-            write_json_atomic(run_info_path, run_info)
         print(f"Test accuracy: {100 * test_accuracy:.2f} %")
     return 0
 

@@ -4,20 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from datamodules.transforms import normalize, train_augment  # noqa: E402
-from lit_modules.classifier import split_decay_groups  # noqa: E402
-from models import get_model  # noqa: E402
+from datamodules.transforms import normalize, train_augment
+from lit_modules.classifier import split_decay_groups
+from models import get_model
 
 
 def synthetic_images(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -270,6 +270,13 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.train_sampler: EpochShuffleSampler | None = None
         self.augment_generator = torch.Generator().manual_seed(seed)
 
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, torch.Tensor], **options) -> "CIFAR10DataModule":
+        """A data module over tensors already in memory, keyed like :func:`load_cifar10`'s result."""
+        datamodule = cls(data_dir="<in memory>", cache_dir=None, download=False, **options)
+        datamodule._arrays = arrays
+        return datamodule
+
     def prepare_data(self) -> None:
         # Download or decode once per machine (local rank 0); setup() then reads the cache.
         self._load()

@@ -56,3 +56,45 @@ class StopAfterEpochs(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
         if trainer.current_epoch + 1 >= self.epochs:
             trainer.should_stop = True
+
+
+class EpochTimer(pl.Callback):
+    """Log each training epoch's wall time, images per second (all processes) and peak GPU memory.
+
+    Costs one counter update per batch; the numbers appear as ``perf/*`` scalars.
+    An epoch resumed from a mid-epoch checkpoint is not timed.
+    """
+
+    def __init__(self) -> None:
+        self._images = 0
+        self._start: float | None = None
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
+        import time
+
+        import torch
+
+        self._images = 0
+        self._start = time.perf_counter()
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self._images += batch[0].shape[0]
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        import time
+
+        import torch
+
+        if self._start is None:
+            return
+        seconds = time.perf_counter() - self._start
+        metrics = {
+            "perf/epoch_seconds": seconds,
+            "perf/train_images_per_sec": self._images * trainer.world_size / seconds,
+        }
+        if torch.cuda.is_available() and pl_module.device.type == "cuda":
+            metrics["perf/gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
+        for name, value in metrics.items():
+            pl_module.log(name, value, on_step=False, on_epoch=True, rank_zero_only=True)

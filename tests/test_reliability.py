@@ -164,27 +164,33 @@ def bad_checkpoints(best_checkpoint, tmp_path_factory):
     return {"text": text, "truncated": truncated, "plain": plain, "foreign": foreign}
 
 
-@pytest.mark.parametrize(
-    "kind, fragment",
-    [
-        ("text", "is not a readable PyTorch checkpoint"),
-        ("truncated", "is not a readable PyTorch checkpoint"),
-        ("plain", "is not a train.py checkpoint"),
-        ("foreign", "unknown architecture 'efficientnet_b0'"),
-    ],
-)
-@pytest.mark.parametrize("script", ["train.py", "evaluate.py", "predict.py", "export.py"])
-def test_bad_checkpoints_get_one_line_and_exit_2(bad_checkpoints, image_folder, tmp_path, kind, fragment, script):
-    path = bad_checkpoints[kind]
-    arguments = {
+FRAGMENTS = {
+    "text": "is not a readable PyTorch checkpoint",
+    "truncated": "is not a readable PyTorch checkpoint",
+    "plain": "is not a train.py checkpoint",
+    "foreign": "unknown architecture 'efficientnet_b0'",
+}
+
+
+def script_arguments(script, path, image_folder, tmp_path):
+    return {
         "train.py": ["--ckpt-path", path, "--data-dir", image_folder, "--logdir", tmp_path / "logs"],
         "evaluate.py": [path, "--data-dir", image_folder],
         "predict.py": [path, ROOT / "README.md"],
         "export.py": [path, "--format", "onnx", "--out", tmp_path / "model.onnx"],
     }[script]
-    result = run_script(script, *arguments)
-    assert_one_line_error(result, str(path), fragment)
-    assert not (tmp_path / "model.onnx").exists()
+
+
+# Every kind of bad file through the shared loader once (evaluate.py), then every script once.
+@pytest.mark.parametrize(
+    "script, kind",
+    [("evaluate.py", kind) for kind in FRAGMENTS] + [("train.py", "truncated"), ("predict.py", "plain"), ("export.py", "text")],
+)
+def test_bad_checkpoints_get_one_line_and_exit_2(bad_checkpoints, image_folder, tmp_path, script, kind):
+    path = bad_checkpoints[kind]
+    result = run_script(script, *script_arguments(script, path, image_folder, tmp_path))
+    assert_one_line_error(result, str(path), FRAGMENTS[kind])
+    assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "logs").exists()
 
 
 def test_debug_flag_shows_the_traceback(bad_checkpoints, image_folder):

@@ -1,0 +1,67 @@
+"""Throughput of the training data path against the fastest model's training throughput.
+
+    python bench/data.py
+
+The data path is what feeds every training step: the in-memory DataLoader
+(shuffled uint8 batches) followed by the batch transform (random crop, flip,
+normalisation, channels-last) on the CPU. It must be at least 20x faster than
+the fastest model trains, so that data never limits training. Run by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import _path  # noqa: F401  (puts the project root on sys.path)
+from bench.common import markdown_table, median, plain_loop_throughput, synthetic_images
+from cli import resolve_precision
+from datamodules import CIFAR10DataModule
+
+
+def data_path_throughput(batch_size: int, images_per_trial: int) -> float:
+    images, labels = synthetic_images(images_per_trial + 1)
+    arrays = {"train_images": images, "train_labels": labels, "test_images": images[:1], "test_labels": labels[:1]}
+    datamodule = CIFAR10DataModule.from_arrays(arrays, batch_size=batch_size, val_size=1, channels_last=True)
+    datamodule.setup("fit")
+
+    class Training:  # what on_after_batch_transfer asks of the trainer
+        training = True
+        global_rank = 0
+
+    datamodule.trainer = Training()
+    start = time.perf_counter()
+    count = 0
+    for batch in datamodule.train_dataloader():
+        augmented, _ = datamodule.on_after_batch_transfer(batch, 0)
+        count += augmented.shape[0]
+    return count / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--images", type=int, default=45_000, help="images per data-path trial (one epoch)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"])
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    precision = resolve_precision("auto", "cpu")
+    data = [data_path_throughput(args.batch_size, args.images) for _ in range(args.repeats)]
+    models = {
+        name: median([plain_loop_throughput(name, args.batch_size, 6, 2, precision, True) for _ in range(args.repeats)])
+        for name in args.models
+    }
+    fastest = max(models, key=models.get)
+    rows = [["data path (loader + augment + normalise)", f"{median(data):.0f}", ""]]
+    rows += [[f"training {name} ({precision})", f"{value:.1f}", f"{median(data) / value:.0f}x"] for name, value in models.items()]
+    print(f"\nImages/s on the CPU, batch {args.batch_size}, median of {args.repeats}\n")
+    print(markdown_table(["path", "images/s", "data path / this"], rows))
+    ratio = median(data) / models[fastest]
+    print(f"\nData path is {ratio:.0f}x the fastest model ({fastest}); required: at least 20x -> {'OK' if ratio >= 20 else 'TOO SLOW'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Draw validation accuracy against wall time for train.py runs, from their TensorBoard logs.
+
+    python bench/plot_results.py lightning_logs/version_0 lightning_logs/version_1 --out docs/val_acc_vs_time.png
+
+Time runs from each run's start (run_info.json), so data loading and set-up
+count. A resumed run's pause is left out: only time spent running is drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+from datetime import datetime
+from pathlib import Path
+
+import _path  # noqa: F401  (puts the project root on sys.path)
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from bench.runs import run_summary, scalars  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="lightning_logs/version_N folders")
+    parser.add_argument("--out", type=Path, default=Path("docs/val_acc_vs_time.png"))
+    parser.add_argument("--title", default="CIFAR-10 (JPEG copy): validation accuracy against wall time")
+    args = parser.parse_args()
+
+    figure, axes = plt.subplots(figsize=(8, 5))
+    for run_dir in args.runs:
+        summary = run_summary(run_dir)
+        points = scalars(run_dir).get("val/acc", [])
+        if not points:
+            continue
+        start = points[0][0]
+        if summary["started"]:
+            start = datetime.strptime(summary["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
+        minutes = [(wall - start) / 60 for wall, _, _ in points]
+        label = f"{summary['model']} ({summary['stem']} stem), {summary['epochs']} epochs - {summary['run']}"
+        if summary["model"] == "vgg16":
+            label = f"vgg16, {summary['epochs']} epochs - {summary['run']}"
+        axes.plot(minutes, [100 * value for _, _, value in points], marker="o", markersize=3, label=label)
+    for level in (80, 85, 90):
+        axes.axhline(level, color="grey", linewidth=0.5, linestyle="--")
+    axes.set_xlabel("wall time since start (minutes)")
+    axes.set_ylabel("validation accuracy (%)")
+    axes.set_title(args.title, fontsize=10)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(args.out, dpi=110)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

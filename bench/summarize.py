@@ -1,0 +1,39 @@
+"""Print a Markdown table of train.py runs (for RESULTS.md) from their folders.
+
+    python bench/summarize.py lightning_logs/version_0 lightning_logs/version_1
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import _path  # noqa: F401  (puts the project root on sys.path)
+
+from bench.common import markdown_table
+from bench.runs import run_summary
+
+
+def percent(value) -> str:
+    return "-" if value is None else f"{100 * value:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="lightning_logs/version_N folders")
+    args = parser.parse_args()
+    rows = []
+    for run_dir in args.runs:
+        s = run_summary(run_dir)
+        rows.append([
+            s["model"], s["stem"], f"{s['optimizer']} lr {s['lr']}", str(s["epochs"]), str(s["precision"]),
+            "-" if s["wall_minutes"] is None else f"{s['wall_minutes']:.1f} min",
+            "-" if s["median_epoch_seconds"] is None else f"{s['median_epoch_seconds']:.0f} s",
+            percent(s["best_val_acc"]), percent(s["test_acc"]), s["run"], f"`{s['command']}`",
+        ])
+    print(markdown_table(["model", "stem", "recipe", "epochs", "precision", "wall time", "epoch (median)",
+                          "best val acc %", "test acc %", "log", "command"], rows))
+
+
+if __name__ == "__main__":
+    main()

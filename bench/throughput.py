@@ -1,0 +1,98 @@
+"""Training throughput: the Trainer against a plain PyTorch loop, and the speed levers, side by side.
+
+    python bench/throughput.py                       # resnet50 and vgg16, bf16, batch 128
+    python bench/throughput.py --models vgg16 --repeats 5
+
+For each model, in one process, alternating trials:
+  (a) LitClassifier inside the Lightning Trainer, as train.py runs it (logger,
+      progress bar, checkpoint-free), and (b) a hand-written loop over the same
+      model, batch, precision, optimiser and batch augmentation;
+  then, in the plain loop, fp32 against bf16 and channels-last on against off.
+Prints medians (images/s) and ratios as Markdown tables. Data is synthetic
+uint8 in memory (speed does not depend on pixel values). Run by hand, not in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+
+import pytorch_lightning as pl
+
+import _path  # noqa: F401  (puts the project root on sys.path)
+from bench.common import markdown_table, median, plain_loop_throughput, synthetic_images
+from cli import resolve_precision
+from datamodules import CIFAR10DataModule
+from lit_modules import LitClassifier
+
+
+class StepTimer(pl.Callback):
+    """Time from the start of batch ``warmup`` to the end of the last batch."""
+
+    def __init__(self, warmup: int) -> None:
+        self.warmup = warmup
+        self.start = self.end = 0.0
+        self.images = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx == self.warmup:
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx >= self.warmup:
+            self.images += batch[0].shape[0]
+            self.end = time.perf_counter()
+
+
+def trainer_throughput(model_name: str, batch_size: int, steps: int, warmup: int, precision: str, logdir: str) -> float:
+    images, labels = synthetic_images(batch_size * (steps + warmup) + 1)
+    arrays = {"train_images": images, "train_labels": labels, "test_images": images[:1], "test_labels": labels[:1]}
+    datamodule = CIFAR10DataModule.from_arrays(arrays, batch_size=batch_size, val_size=1, channels_last=True)
+    module = LitClassifier(model_name, lr=0.01, label_smoothing=0.1, channels_last=True)
+    timer = StepTimer(warmup)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, precision=precision, max_epochs=1, limit_val_batches=0,
+        logger=pl.loggers.TensorBoardLogger(logdir, name="", default_hp_metric=False), log_every_n_steps=50,
+        callbacks=[timer, pl.callbacks.TQDMProgressBar(refresh_rate=20)], enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return timer.images / (timer.end - timer.start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"])
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per trial")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each trial")
+    parser.add_argument("--repeats", type=int, default=3, help="alternated trials of each variant")
+    args = parser.parse_args()
+    precision = resolve_precision("auto", "cpu")
+    trial = dict(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
+
+    overhead_rows, lever_rows = [], []
+    with tempfile.TemporaryDirectory() as logdir:
+        for model in args.models:
+            runs = {"trainer": [], "plain": [], "fp32": [], "cl_off": []}
+            for _ in range(args.repeats):
+                runs["trainer"].append(trainer_throughput(model, precision=precision, logdir=logdir, **trial))
+                runs["plain"].append(plain_loop_throughput(model, precision=precision, channels_last=True, **trial))
+                runs["fp32"].append(plain_loop_throughput(model, precision="32-true", channels_last=True, **trial))
+                runs["cl_off"].append(plain_loop_throughput(model, precision=precision, channels_last=False, **trial))
+            m = {name: median(values) for name, values in runs.items()}
+            overhead_rows.append([model, precision, str(args.batch_size), f"{m['trainer']:.1f}", f"{m['plain']:.1f}",
+                                  f"{m['trainer'] / m['plain']:.3f}"])
+            lever_rows.append([model, f"{m['fp32']:.1f}", f"{m['plain']:.1f}", f"{m['plain'] / m['fp32']:.2f}",
+                               f"{m['cl_off']:.1f}", f"{m['plain'] / m['cl_off']:.2f}"])
+            print(f"{model}: " + ", ".join(f"{k} {[round(v, 1) for v in vs]}" for k, vs in runs.items()), flush=True)
+
+    print(f"\nTraining throughput, images/s (median of {args.repeats} alternated trials of {args.steps} steps; CPU)\n")
+    print(markdown_table(["model", "precision", "batch", "(a) Trainer", "(b) plain loop", "ratio a/b"], overhead_rows))
+    print()
+    print(markdown_table(["model", "fp32", "bf16", "bf16/fp32", "bf16 channels-first", "channels-last/first"], lever_rows))
+
+
+if __name__ == "__main__":
+    main()
