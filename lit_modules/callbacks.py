@@ -19,10 +19,15 @@ class PeriodicCheckpoint(pl.Callback):
             raise ValueError(f"every_n_steps must be at least 1, got {every_n_steps}")
         self.path = Path(path)
         self.every_n_steps = every_n_steps
+        self._last_saved_step = -1
 
-    def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step % self.every_n_steps == 0 and not trainer.sanity_checking:
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module, batch, batch_idx: int) -> None:
+        # Saved before the next batch, when the previous one is fully counted as done (as on an interrupt);
+        # a save inside on_train_batch_end would be resumed with that batch half-counted.
+        step = trainer.global_step
+        if step and step % self.every_n_steps == 0 and step != self._last_saved_step:
             trainer.save_checkpoint(self.path, weights_only=False)
+            self._last_saved_step = step
 
 
 class CheckpointOnInterrupt(pl.Callback):

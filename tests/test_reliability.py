@@ -46,7 +46,7 @@ def wait_for_step(checkpoint, step: int, process: subprocess.Popen, timeout: flo
 def test_interrupted_run_resumes_to_the_planned_epoch_count(image_folder, tmp_path, stop_signal, exit_code):
     logdir = tmp_path / "logs"
     common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *SMALL]
-    process = start_training(*common, "--epochs", "8", "--checkpoint-every-n-steps", "1")
+    process = start_training(*common, "--epochs", "5", "--checkpoint-every-n-steps", "1")
     last = logdir / "version_0" / "checkpoints" / "last.ckpt"
     seen = wait_for_step(last, 4, process)
     process.send_signal(stop_signal)
@@ -54,7 +54,7 @@ def test_interrupted_run_resumes_to_the_planned_epoch_count(image_folder, tmp_pa
     assert process.returncode == exit_code, stderr[-3000:]
     assert "Traceback" not in stderr
     interrupted = torch.load(last, map_location="cpu", weights_only=True)
-    assert interrupted["global_step"] >= seen and interrupted["epoch"] < 7
+    assert interrupted["global_step"] >= seen and interrupted["epoch"] < 4
     if stop_signal == signal.SIGTERM:
         assert "stopped by SIGTERM; resume with --ckpt-path" in stderr
         assert json.loads((logdir / "version_0" / "run_info.json").read_text())["status"] == "interrupted"
@@ -63,15 +63,15 @@ def test_interrupted_run_resumes_to_the_planned_epoch_count(image_folder, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(p.name for p in logdir.iterdir()) == ["version_0"]
     final = torch.load(last, map_location="cpu", weights_only=True)
-    assert final["epoch"] == 7 and final["global_step"] >= 8 * 3
-    assert json.loads((logdir / "version_0" / "run_info.json").read_text())["epochs"] == 8
-    assert len(scalar_tags(logdir / "version_0")["val/acc"]) >= 8
+    assert final["epoch"] == 4 and final["global_step"] >= 5 * 3
+    assert json.loads((logdir / "version_0" / "run_info.json").read_text())["epochs"] == 5
+    assert len(scalar_tags(logdir / "version_0")["val/acc"]) >= 5
 
 
 def test_hard_kill_loses_at_most_the_checkpoint_interval(image_folder, tmp_path):
     logdir = tmp_path / "logs"
     common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *SMALL]
-    process = start_training(*common, "--epochs", "8", "--checkpoint-every-n-steps", "2")
+    process = start_training(*common, "--epochs", "5", "--checkpoint-every-n-steps", "2")
     last = logdir / "version_0" / "checkpoints" / "last.ckpt"
     wait_for_step(last, 5, process)
     process.kill()
@@ -80,7 +80,7 @@ def test_hard_kill_loses_at_most_the_checkpoint_interval(image_folder, tmp_path)
     assert saved["global_step"] >= 4
     resumed = run_script("train.py", *common, "--ckpt-path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 7
+    assert torch.load(last, map_location="cpu", weights_only=True)["epoch"] == 4
 
 
 def test_periodic_checkpoint_saves_every_n_steps(image_folder, tmp_path):
@@ -93,9 +93,9 @@ def test_periodic_checkpoint_saves_every_n_steps(image_folder, tmp_path):
     saved_at = []
 
     class Recorder(PeriodicCheckpoint):
-        def on_train_batch_end(self, trainer, *args):
+        def on_train_batch_start(self, trainer, *args):
             before = self.path.stat().st_mtime_ns if self.path.exists() else None
-            super().on_train_batch_end(trainer, *args)
+            super().on_train_batch_start(trainer, *args)
             if self.path.exists() and self.path.stat().st_mtime_ns != before:
                 saved_at.append(trainer.global_step)
 
@@ -103,7 +103,7 @@ def test_periodic_checkpoint_saves_every_n_steps(image_folder, tmp_path):
                          enable_progress_bar=False, enable_model_summary=False,
                          callbacks=[Recorder(tmp_path / "last.ckpt", every_n_steps=2)])
     trainer.fit(LitClassifier("resnet50_seed"), datamodule=CIFAR10DataModule(image_folder, batch_size=16, val_size=20, cache_dir=None))
-    assert saved_at == [2, 4, 6, 8]  # 3 epochs x 3 steps
+    assert saved_at == [2, 4, 6, 8]  # 3 epochs x 3 steps; saved as the following batch starts
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):

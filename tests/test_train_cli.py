@@ -74,6 +74,22 @@ def test_help_documents_every_flag_with_its_default():
         (["--lr", "nan"], "--lr: must be a positive number"),
         (["--precision", "8"], "--precision: invalid choice"),
         (["--optimizer", "rmsprop"], "--optimizer: invalid choice"),
+    ],
+)
+def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
+    import train
+
+    with pytest.raises(SystemExit) as stopped:
+        train.build_parser().parse_args(args)
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0]
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["--epochs", "0"], "--epochs: must be a positive integer"),
         (["--devices", "two"], "--devices takes a count"),
         (["--accelerator", "cpu", "--devices", "512"], "this machine has"),
         (["--ckpt-path", "missing.ckpt"], "missing.ckpt: no such file"),
