@@ -25,17 +25,21 @@ def _rand(size: int, generator: torch.Generator | None) -> Tensor:
     return torch.rand(size, generator=generator, device=generator.device if generator else "cpu")
 
 
+def _channel_stats(images: Tensor, mean, std) -> tuple[Tensor, Tensor]:
+    """``mean`` and ``std`` as ``(1, C, 1, 1)`` tensors on the batch's device."""
+    return (torch.tensor(mean, device=images.device).view(1, -1, 1, 1),
+            torch.tensor(std, device=images.device).view(1, -1, 1, 1))
+
+
 def denormalize(images: Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> Tensor:
     """Inverse of :func:`normalize`, to [0, 1] floats, for showing images."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    mean_t, std_t = _channel_stats(images, mean, std)
     return (images.float() * std_t + mean_t).clamp_(0, 1)
 
 
 def normalize(images: Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> Tensor:
     """uint8 ``(N, 3, H, W)`` in [0, 255] -> float32, scaled to [0, 1], minus ``mean``, over ``std``."""
-    mean_t = torch.tensor(mean, device=images.device).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, device=images.device).view(1, -1, 1, 1)
+    mean_t, std_t = _channel_stats(images, mean, std)
     return (images.float().div_(255.0) - mean_t).div_(std_t)
 
 
