@@ -279,11 +279,13 @@ def build_callbacks(args, checkpoint_dir: Path, has_validation: bool):
             monitor="val/acc" if has_validation else None,
             mode="max",
             save_top_k=1,
-            save_last=True,
             filename="best-{epoch:03d}" if has_validation else "epoch-{epoch:03d}",
-            enable_version_counter=False,  # last.ckpt may come from an interrupt or a periodic save: replace it
         )
-        callbacks += [best_checkpoint, CheckpointOnInterrupt(checkpoint_dir / "last.ckpt")]
+        # last.ckpt after every epoch. (ModelCheckpoint's save_last only refreshes it when a best checkpoint is
+        # saved.) Listed after the best one, so it holds that callback's updated state.
+        every_epoch = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
+                                      enable_version_counter=False)  # replace a last.ckpt left by an interrupt
+        callbacks += [best_checkpoint, every_epoch, CheckpointOnInterrupt(checkpoint_dir / "last.ckpt")]
         if args.checkpoint_every_n_steps:
             callbacks.append(PeriodicCheckpoint(checkpoint_dir / "last.ckpt", args.checkpoint_every_n_steps))
     if args.stop_after_epochs:

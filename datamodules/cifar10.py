@@ -20,17 +20,21 @@ there.
 Validation is held out from the training images (``val_size`` of them, chosen
 by a fixed ``split_seed``); the test set is never used for model selection.
 
-Reproducible and resumable: the shuffling order of each epoch and the
-augmentation's random numbers come from generators seeded with ``seed`` whose
-positions are part of the module's ``state_dict``, which Lightning stores in
-every checkpoint. A run resumed from an end-of-epoch checkpoint therefore sees
-exactly the batches the uninterrupted run would have seen.
+Reproducible and resumable, from any checkpoint: each epoch's shuffling
+order is drawn from ``seed`` and the number of passes so far (part of the
+module's ``state_dict``, which Lightning stores in every checkpoint); each
+training batch's crops and flips are drawn from ``seed``, the process rank and
+the optimiser step; and the training loader records how many batches of the
+current epoch were trained (:class:`ResumableDataLoader`). A run resumed from
+a checkpoint taken between epochs or part-way through one therefore trains on
+exactly the batches, augmented exactly as, the uninterrupted run would have.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -225,6 +229,45 @@ class EpochShuffleSampler(Sampler[int]):
         return iter(torch.randperm(self.num_samples, generator=generator).tolist())
 
 
+class ResumableDataLoader(DataLoader):
+    """A DataLoader whose next pass can start part-way through, so a mid-epoch checkpoint resumes exactly.
+
+    Lightning stores ``state_dict()`` in every checkpoint and, because the
+    loader has ``state_dict``/``load_state_dict``, treats it as resumable
+    instead of replaying a whole epoch. After ``load_state_dict`` the next pass
+    skips the batches that the interrupted epoch had already trained on (the
+    sampler replays the same order, see ``CIFAR10DataModule.state_dict``).
+    ``batches_done`` is a callable, set by the data module, returning how many
+    batches of the current epoch the training loop has finished (0 between
+    epochs). Skipping collates the skipped batches, which costs well under a
+    second for in-memory tensors.
+
+    The data module also keeps that count in its own state and hands it to the
+    loader it creates: when the learning-rate schedule asks for
+    ``trainer.estimated_stepping_batches``, Lightning builds and iterates the
+    training loader before it restores the loops, and never passes this
+    loader's saved state back.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.batches_done: Callable[[], int] = lambda: 0
+        self._skip_on_next_pass = 0
+
+    def state_dict(self) -> dict:
+        return {"batches_done": int(self.batches_done())}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._skip_on_next_pass = int(state_dict.get("batches_done", 0))
+
+    def __iter__(self):
+        iterator = super().__iter__()
+        skip, self._skip_on_next_pass = self._skip_on_next_pass, 0
+        for _ in range(skip):
+            next(iterator)
+        return iterator
+
+
 class CIFAR10DataModule(pl.LightningDataModule):
     """CIFAR-10 from an image folder or the official archive, held in memory as uint8.
 
@@ -268,7 +311,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self._arrays: dict[str, torch.Tensor] | None = None
         self.train_set = self.val_set = self.test_set = None
         self.train_sampler: EpochShuffleSampler | None = None
-        self.augment_generator = torch.Generator().manual_seed(seed)
+        self._resume_skip = 0  # batches of a resumed, unfinished epoch that were already trained
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, torch.Tensor], **options) -> "CIFAR10DataModule":
@@ -294,26 +337,44 @@ class CIFAR10DataModule(pl.LightningDataModule):
             self.val_set = TensorDataset(arrays["train_images"][val_index], arrays["train_labels"][val_index])
             self.test_set = TensorDataset(arrays["test_images"], arrays["test_labels"])
             self.train_sampler = EpochShuffleSampler(len(self.train_set), self.seed)
-        rank = self.trainer.global_rank if self.trainer is not None else 0
-        if rank and not getattr(self, "_rank_seeded", False):  # each DDP process augments differently
-            self.augment_generator.manual_seed(self.seed + 7_919 * rank)
-            self._rank_seeded = True
+
+    def train_batches_done(self) -> int:
+        """Batches of the current training epoch already trained on; 0 between epochs or without a fit."""
+        trainer = self.trainer
+        if trainer is None or trainer.state.fn != "fit":
+            return 0
+        done = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return done if done < trainer.num_training_batches else 0
 
     def state_dict(self) -> dict:
         if self.train_sampler is None:
             return {}
-        return {"sampler_passes": self.train_sampler.passes, "augment_generator": self.augment_generator.get_state()}
+        # Part-way through an epoch its pass is unfinished: a resumed run replays that pass (and skips what was done).
+        batches_done = self.train_batches_done()
+        return {"sampler_passes": self.train_sampler.passes - (1 if batches_done else 0), "batches_done": batches_done}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
             return
         self.setup("fit")
         self.train_sampler.passes = int(state_dict["sampler_passes"])
-        self.augment_generator.set_state(state_dict["augment_generator"])
-        self._rank_seeded = True
+        self._resume_skip = int(state_dict.get("batches_done", 0))
+
+    def augment_generator(self) -> torch.Generator:
+        """The generator for the next training batch's crops and flips.
+
+        Seeded from (``seed``, process rank, optimiser step) rather than carried
+        as one stream, so a resumed run augments each batch as the uninterrupted
+        run did, and each DDP process augments differently. This project takes
+        one optimiser step per batch.
+        """
+        trainer = self.trainer
+        key = [self.seed, trainer.global_rank, trainer.global_step] if trainer is not None else [self.seed, 0, 0]
+        seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0])
+        return torch.Generator().manual_seed(seed)
 
     def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
-        return DataLoader(
+        loader = (ResumableDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=self.train_sampler if shuffle else None,
@@ -322,6 +383,11 @@ class CIFAR10DataModule(pl.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+        if shuffle:
+            loader.batches_done = self.train_batches_done
+            loader.load_state_dict({"batches_done": self._resume_skip})
+            self._resume_skip = 0
+        return loader
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, shuffle=True)
@@ -338,7 +404,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         if self.trainer is not None and self.trainer.training:
-            images = train_augment(images, self.augment_generator)
+            images = train_augment(images, self.augment_generator())
         images = normalize(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

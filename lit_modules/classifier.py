@@ -106,7 +106,7 @@ class LitClassifier(pl.LightningModule):
         logits = self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         accuracy = getattr(self, f"{stage}_acc")
-        accuracy(logits, labels)
+        accuracy.update(logits, labels)  # only accumulate: the value is computed once, at the epoch's end
         on_step = stage == "train"
         self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "test", sync_dist=not on_step)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)

@@ -25,15 +25,10 @@ def run_script(script: str, *args, cwd: Path | None = None, timeout: int = 300, 
 
 def scalar_tags(run_dir: Path) -> dict[str, list[float]]:
     """Every scalar series in the TensorBoard event files of ``run_dir``: tag -> values in step order."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from bench.runs import scalars
 
-    series: dict[str, list[tuple[int, float]]] = {}
-    for event_file in sorted(run_dir.glob("events.out.tfevents.*")):
-        accumulator = EventAccumulator(str(event_file), size_guidance={"scalars": 0})
-        accumulator.Reload()
-        for tag in accumulator.Tags()["scalars"]:
-            series.setdefault(tag, []).extend((e.step, e.value) for e in accumulator.Scalars(tag))
-    return {tag: [value for _, value in sorted(points)] for tag, points in series.items()}
+    return {tag: [value for _, _, value in sorted(points, key=lambda point: point[1])]
+            for tag, points in scalars(run_dir).items()}
 
 
 def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> None:

@@ -152,12 +152,22 @@ def test_predict_on_files_and_folders(best_checkpoint, prediction_inputs, tmp_pa
     assert_one_line_error(run_script("predict.py", best_checkpoint, tmp_path / "nope.png"), "nope.png: no such file")
 
 
+@pytest.fixture(scope="module")
+def exported(best_checkpoint, tmp_path_factory):
+    """format -> (file, export.py's completed process), each exported once for the tests below."""
+    folder = tmp_path_factory.mktemp("exported")
+    files = {}
+    for export_format in ("onnx", "torchscript"):
+        out = folder / f"model.{export_format}"
+        files[export_format] = out, run_script("export.py", best_checkpoint, "--format", export_format, "--out", out)
+    return files
+
+
 @pytest.mark.parametrize("export_format", ["onnx", "torchscript"])
-def test_export_matches_pytorch(best_checkpoint, tmp_path, export_format):
+def test_export_matches_pytorch(best_checkpoint, exported, export_format):
     from lit_modules import load_classifier
 
-    out = tmp_path / f"model.{export_format}"
-    result = run_script("export.py", best_checkpoint, "--format", export_format, "--out", out)
+    out, result = exported[export_format]
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.is_file() and f"Wrote {out}" in result.stdout
     reference = load_classifier(best_checkpoint).model.float().eval()
@@ -182,9 +192,9 @@ def test_export_matches_pytorch(best_checkpoint, tmp_path, export_format):
         assert (got - expected).abs().max() <= 1e-4
 
 
-def test_predict_runs_an_exported_onnx_model(best_checkpoint, prediction_inputs, tmp_path):
-    out = tmp_path / "model.onnx"
-    assert run_script("export.py", best_checkpoint, "--format", "onnx", "--out", out).returncode == 0
+def test_predict_runs_an_exported_onnx_model(best_checkpoint, exported, prediction_inputs):
+    out, export = exported["onnx"]
+    assert export.returncode == 0, export.stderr[-3000:]
     from_onnx = run_script("predict.py", out, prediction_inputs / "small.png", prediction_inputs / "large.jpg", "--json")
     from_ckpt = run_script("predict.py", best_checkpoint, prediction_inputs / "small.png", prediction_inputs / "large.jpg", "--json")
     assert from_onnx.returncode == 0 and from_ckpt.returncode == 0
