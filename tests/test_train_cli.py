@@ -2,6 +2,7 @@ import json
 import re
 
 import pytest
+import torch
 
 from tests.conftest import TINY_RUN
 from tests.helpers import assert_one_line_error, run_script, scalar_tags
@@ -27,6 +28,18 @@ def test_train_end_to_end(trained_run, best_checkpoint):
     assert len(tags["val/acc"]) == 2 and all(0 <= v <= 1 for v in tags["val/acc"])
     assert {"train/loss_step", "train/acc", "val/loss", "test/acc", "train/lr"} <= set(tags)
     assert tags["test/acc"][0] == pytest.approx(accuracy / 100, abs=1e-4)
+
+
+def test_last_checkpoint_is_the_last_epoch_even_without_improvement(image_folder, tmp_path):
+    # A learning rate of 1e-12 leaves the validation accuracy where it was: epoch 2 saves no new best.
+    result = run_script("train.py", "--model", "resnet50_seed", "--epochs", "2", "--lr", "1e-12", "--scheduler", "none",
+                        "--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", tmp_path / "logs",
+                        *TINY_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoints = tmp_path / "logs" / "version_0" / "checkpoints"
+    assert [p.name for p in checkpoints.glob("best-*.ckpt")] == ["best-epoch=000.ckpt"]
+    last = torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)
+    assert (last["epoch"], last["global_step"]) == (1, 6)
 
 
 def test_run_info_records_command_seed_and_versions(trained_run):
