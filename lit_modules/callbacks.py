@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
+import torch
 
 
 class PeriodicCheckpoint(pl.Callback):
@@ -75,10 +77,6 @@ class EpochTimer(pl.Callback):
         self._start: float | None = None
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module) -> None:
-        import time
-
-        import torch
-
         self._images = 0
         self._start = time.perf_counter()
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
@@ -88,10 +86,6 @@ class EpochTimer(pl.Callback):
         self._images += batch[0].shape[0]
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
-        import time
-
-        import torch
-
         if self._start is None:
             return
         seconds = time.perf_counter() - self._start
