@@ -4,7 +4,9 @@
 
 Prints the overall accuracy, the accuracy of each class and the confusion
 matrix (rows: true class, columns: predicted); ``--json PATH`` writes them too.
-The model is rebuilt from the checkpoint's hyperparameters alone.
+The model is rebuilt from the checkpoint's hyperparameters alone, and scored as
+``train.py`` tests it (with the mirror-image average unless the run turned it off;
+``--test-time-flip false`` scores single views).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cli import ArgumentParser, positive_int, run_main, write_json_atomic
+from cli import ArgumentParser, positive_int, run_main, str_to_bool, write_json_atomic
 
 
 def build_parser() -> ArgumentParser:
@@ -23,6 +25,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--cache-dir", default=None, help="decoded-image cache (as in train.py)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="images per batch")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
+    parser.add_argument("--test-time-flip", type=str_to_bool, default=None, metavar="BOOL",
+                        help="average each image's and its mirror image's probabilities (default: as the run tested)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser
@@ -54,7 +58,7 @@ def predict_labels(module, loader, device) -> tuple:
     predicted, true = [], []
     with torch.inference_mode():
         for images, labels in loader:
-            logits = module(normalize(images.to(device)))
+            logits = module.test_logits(normalize(images.to(device)))
             predicted.append(logits.argmax(dim=1).cpu())
             true.append(labels)
     return torch.cat(predicted), torch.cat(true)
@@ -85,6 +89,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lit_modules import load_classifier
 
     module = load_classifier(args.checkpoint)
+    if args.test_time_flip is not None:
+        module.hparams.test_time_flip = args.test_time_flip
     device = pick_device(args.device)
     datamodule = CIFAR10DataModule(
         args.data_dir, batch_size=args.batch_size, val_size=0, cache_dir=args.cache_dir or default_cache_dir()
@@ -101,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "checkpoint": str(args.checkpoint),
             "model": module.hparams.model_name,
             "images": len(true),
+            "test_time_flip": bool(module.hparams.get("test_time_flip", False)),
             "accuracy": accuracy,
             "per_class_accuracy": dict(zip(class_names, per_class)),
             "class_names": class_names,

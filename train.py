@@ -93,6 +93,11 @@ def build_parser() -> ArgumentParser:
                           help="channels-last memory format for weights and batches")
     hardware.add_argument("--compile", action="store_true", help="compile the model with torch.compile")
 
+    evaluation = parser.add_argument_group("evaluation")
+    evaluation.add_argument("--test-time-flip", type=str_to_bool, default=True, metavar="BOOL",
+                            help="test on the mean of each image's and its mirror image's probabilities "
+                                 "(validation stays single-view)")
+
     run = parser.add_argument_group("run control")
     run.add_argument("--limit-train-batches", type=int_or_fraction, default=None, help="batches (int) or fraction per epoch")
     run.add_argument("--limit-val-batches", type=int_or_fraction, default=None, help="batches (int) or fraction")
@@ -245,6 +250,7 @@ def build_module(args, ckpt_path: Path | None):
         scheduler=args.scheduler,
         warmup_fraction=args.warmup_fraction,
         channels_last=args.channels_last,
+        test_time_flip=args.test_time_flip,
     )
     if args.init_from:
         skipped = init_weights(module.model, args.init_from, strict=args.init_strict)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,9 @@ class LitClassifier(pl.LightningModule):
         warmup_fraction: share of all steps spent warming up under ``"onecycle"``.
         channels_last: keep the weights in channels-last memory format (faster convolutions
             with bf16 on CPUs and tensor-core GPUs).
+        test_time_flip: test on the mean of the class probabilities of each image and of
+            its mirror image (see :meth:`test_logits`); validation stays single-view, so
+            ``val/acc`` and checkpoint selection cost one forward pass per image.
         class_names: label names, saved with the checkpoint for prediction and reports
             (CIFAR-10's when ``num_classes`` is 10).
 
@@ -72,6 +77,7 @@ class LitClassifier(pl.LightningModule):
         scheduler: str = "onecycle",
         warmup_fraction: float = 0.15,
         channels_last: bool = False,
+        test_time_flip: bool = True,
         class_names: list[str] | None = None,
     ) -> None:
         super().__init__()
@@ -101,9 +107,24 @@ class LitClassifier(pl.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.model(images)
 
+    def test_logits(self, images: Tensor) -> Tensor:
+        """Logits the test stage scores: plain, or with ``test_time_flip`` the log of the mean
+        of the softmax over each image and its left-right mirror.
+
+        Left-right mirroring is the one augmentation the training also applies, so the
+        mirror image is as familiar to the network as the original. Both views go
+        through one forward pass of twice the batch. The result is a log-probability,
+        so ``argmax`` and cross-entropy read it like any logits.
+        """
+        if not self.hparams.get("test_time_flip", False):
+            return self(images)
+        log_probs = self(torch.cat([images, images.flip(-1)])).float().log_softmax(dim=1)
+        plain, mirrored = log_probs.chunk(2)
+        return torch.logaddexp(plain, mirrored) - math.log(2)
+
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, labels = batch
-        logits = self(images)
+        logits = self.test_logits(images) if stage == "test" else self(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         accuracy = getattr(self, f"{stage}_acc")
         accuracy.update(logits, labels)  # only accumulate: the value is computed once, at the epoch's end

@@ -50,6 +50,21 @@ def test_checkpoint_alone_rebuilds_the_model(tmp_path):
         torch.testing.assert_close(restored(images), module(images))
 
 
+def test_test_time_flip_averages_the_probabilities_of_image_and_mirror():
+    torch.manual_seed(0)
+    module = LitClassifier("vgg16", test_time_flip=True).eval()
+    images = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        plain = module(images)
+        expected = ((plain.softmax(1) + module(images.flip(-1)).softmax(1)) / 2).log()
+        averaged = module.test_logits(images)
+        module.hparams.test_time_flip = False
+        single = module.test_logits(images)
+    torch.testing.assert_close(averaged, expected, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(averaged.softmax(1), plain.softmax(1), atol=1e-4)
+    torch.testing.assert_close(single, plain)
+
+
 def test_weight_decay_skips_batchnorm_and_biases():
     module = LitClassifier("vgg16")
     decay, no_decay = split_decay_groups(module.model, 5e-4)

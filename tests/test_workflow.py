@@ -114,6 +114,13 @@ def test_evaluate_prints_and_writes_the_report(trained_run, best_checkpoint, ima
     assert data["accuracy"] == pytest.approx(np.trace(matrix) / 30)
     assert data["per_class_accuracy"]["cat"] == pytest.approx(matrix[3, 3] / 3)
     assert data["model"] == "resnet50" and data["class_names"][0] == "airplane"
+    assert data["test_time_flip"] is True  # as train.py tested it, by default
+
+    single_view = run_script("evaluate.py", best_checkpoint, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
+                             "--test-time-flip", "false", "--json", report)
+    assert single_view.returncode == 0, single_view.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["test_time_flip"] is False and np.array(data["confusion_matrix"]).sum() == 30
 
 
 @pytest.fixture
