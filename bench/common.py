@@ -28,18 +28,27 @@ def autocast_for(precision: str):
 
 
 def plain_loop_throughput(model_name: str, batch_size: int, steps: int, warmup: int, precision: str,
-                          channels_last: bool, model_options: dict | None = None) -> float:
-    """Training images per second of a hand-written loop: augment, normalise, forward, backward, SGD step."""
+                          channels_last: bool, model_options: dict | None = None, compile: bool = False,
+                          timings: dict | None = None) -> float:
+    """Training images per second of a hand-written loop: augment, normalise, forward, backward, SGD step.
+
+    With ``compile`` the model goes through ``torch.compile`` first; the compilation
+    happens in the untimed warm-up steps, whose seconds land in ``timings["warmup_seconds"]``.
+    """
     torch.manual_seed(0)
     model = get_model(model_name, **(model_options or {})).train()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if compile:
+        model.compile()
     optimizer = torch.optim.SGD(split_decay_groups(model, 5e-4), lr=0.01, momentum=0.9, nesterov=True)
     images, labels = synthetic_images(batch_size * (steps + warmup))
-    start = 0.0
+    start = began = time.perf_counter()
     for step in range(steps + warmup):
         if step == warmup:
             start = time.perf_counter()
+            if timings is not None:
+                timings["warmup_seconds"] = start - began
         batch = normalize(train_augment(images[step * batch_size : (step + 1) * batch_size]))
         if channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)

@@ -2,12 +2,15 @@
 
     python bench/throughput.py                       # resnet50 and vgg16, bf16, batch 128
     python bench/throughput.py --models vgg16 --repeats 5
+    python bench/throughput.py --compile             # also torch.compile against eager
 
 For each model, in one process, alternating trials:
   (a) LitClassifier inside the Lightning Trainer, as train.py runs it (logger,
       progress bar, checkpoint-free), and (b) a hand-written loop over the same
       model, batch, precision, optimiser and batch augmentation;
-  then, in the plain loop, fp32 against bf16 and channels-last on against off.
+  then, in the plain loop, fp32 against bf16 and channels-last on against off,
+  and with ``--compile`` the compiled model against the eager one, with the
+  seconds the first compilation took (later ones hit the compile cache).
 Prints medians (images/s) and ratios as Markdown tables. Data is synthetic
 uint8 in memory (speed does not depend on pixel values). Run by hand, not in CI.
 """
@@ -68,30 +71,46 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per trial")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each trial")
     parser.add_argument("--repeats", type=int, default=3, help="alternated trials of each variant")
+    parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd model (minutes more)")
     args = parser.parse_args()
     precision = resolve_precision("auto", "cpu")
     trial = dict(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup)
 
-    overhead_rows, lever_rows = [], []
+    overhead_rows, lever_rows, compile_rows = [], [], []
     with tempfile.TemporaryDirectory() as logdir:
         for model in args.models:
             runs = {"trainer": [], "plain": [], "fp32": [], "cl_off": []}
+            compile_seconds = []
+            if args.compile:
+                runs["compiled"] = []
             for _ in range(args.repeats):
                 runs["trainer"].append(trainer_throughput(model, precision=precision, logdir=logdir, **trial))
                 runs["plain"].append(plain_loop_throughput(model, precision=precision, channels_last=True, **trial))
                 runs["fp32"].append(plain_loop_throughput(model, precision="32-true", channels_last=True, **trial))
                 runs["cl_off"].append(plain_loop_throughput(model, precision=precision, channels_last=False, **trial))
+                if args.compile:
+                    timings = {}
+                    runs["compiled"].append(plain_loop_throughput(model, precision=precision, channels_last=True,
+                                                                  compile=True, timings=timings, **trial))
+                    compile_seconds.append(timings["warmup_seconds"])
             m = {name: median(values) for name, values in runs.items()}
             overhead_rows.append([model, precision, str(args.batch_size), f"{m['trainer']:.1f}", f"{m['plain']:.1f}",
                                   f"{m['trainer'] / m['plain']:.3f}"])
             lever_rows.append([model, f"{m['fp32']:.1f}", f"{m['plain']:.1f}", f"{m['plain'] / m['fp32']:.2f}",
                                f"{m['cl_off']:.1f}", f"{m['plain'] / m['cl_off']:.2f}"])
+            if args.compile:
+                compile_rows.append([model, f"{m['plain']:.1f}", f"{m['compiled']:.1f}", f"{m['compiled'] / m['plain']:.2f}",
+                                     f"{compile_seconds[0]:.0f}", f"{median(compile_seconds[1:] or compile_seconds):.0f}"])
             print(f"{model}: " + ", ".join(f"{k} {[round(v, 1) for v in vs]}" for k, vs in runs.items()), flush=True)
 
     print(f"\nTraining throughput, images/s (median of {args.repeats} alternated trials of {args.steps} steps; CPU)\n")
     print(markdown_table(["model", "precision", "batch", "(a) Trainer", "(b) plain loop", "ratio a/b"], overhead_rows))
     print()
     print(markdown_table(["model", "fp32", "bf16", "bf16/fp32", "bf16 channels-first", "channels-last/first"], lever_rows))
+    if compile_rows:
+        print()
+        print(markdown_table(["model", "eager", "compiled", "compiled/eager", f"first warm-up s ({args.warmup} steps)",
+                              "later warm-ups s"], compile_rows))
 
 
 if __name__ == "__main__":

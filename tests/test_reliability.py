@@ -45,7 +45,8 @@ def wait_for_step(checkpoint, step: int, process: subprocess.Popen, timeout: flo
 @pytest.mark.parametrize("stop_signal, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_interrupted_run_resumes_to_the_planned_epoch_count(image_folder, tmp_path, stop_signal, exit_code):
     logdir = tmp_path / "logs"
-    common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *SMALL]
+    # Batches of 4 make epochs of about a dozen steps, so the signal sent after step 4 lands mid-epoch.
+    common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *SMALL, "--batch-size", "4"]
     process = start_training(*common, "--epochs", "5", "--checkpoint-every-n-steps", "1")
     last = logdir / "version_0" / "checkpoints" / "last.ckpt"
     seen = wait_for_step(last, 4, process)
@@ -65,7 +66,12 @@ def test_interrupted_run_resumes_to_the_planned_epoch_count(image_folder, tmp_pa
     final = torch.load(last, map_location="cpu", weights_only=True)
     assert final["epoch"] == 4 and final["global_step"] >= 5 * 3
     assert json.loads((logdir / "version_0" / "run_info.json").read_text())["epochs"] == 5
-    assert len(scalar_tags(logdir / "version_0")["val/acc"]) >= 5
+    # One validation per epoch, except (a known limitation, README "Reliability") when the stop landed
+    # after an epoch's last training batch and before its validation: the resumed run goes on to the next epoch.
+    steps_per_epoch = final["global_step"] // 5
+    between_training_and_validation = (
+        interrupted["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == steps_per_epoch)
+    assert len(scalar_tags(logdir / "version_0")["val/acc"]) == 5 - between_training_and_validation
 
 
 DETERMINISTIC_RUN = ("--model", "resnet50_seed", "--epochs", "2", "--seed", "5", "--deterministic",
