@@ -6,9 +6,12 @@ a checkpoint saved on a GPU loads anywhere and a file cannot run code.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
+import signal
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -136,11 +139,35 @@ def init_weights(model: nn.Module, path: str | Path, strict: bool = True) -> lis
     return [key for keys in problems.values() for key in keys]
 
 
+@contextlib.contextmanager
+def ctrl_c_held():
+    """Hold a Ctrl-C (SIGINT) that arrives inside the block and raise its KeyboardInterrupt at the block's end.
+
+    A KeyboardInterrupt raised inside ``torch.save``'s archive writer either
+    corrupts the archive (the writer then fails with an unrelated RuntimeError)
+    or is swallowed and the run goes on. Only Python's default handler is
+    replaced, and only in the main thread; an ignored SIGINT stays ignored.
+    """
+    if threading.current_thread() is not threading.main_thread() or (
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder, syncs it, then renames it into place.
 
     A kill while writing leaves the previous checkpoint intact (plus at most a
-    stray temporary file), never a truncated file under the real name.
+    stray temporary file), never a truncated file under the real name. A Ctrl-C
+    while writing takes effect once the file is in place (:func:`ctrl_c_held`).
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
@@ -151,11 +178,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         os.umask(umask)
         os.chmod(temporary, 0o666 & ~umask)  # mkstemp's 0600 would differ from a plain torch.save
         try:
-            with os.fdopen(handle, "wb") as stream:
-                torch.save(checkpoint, stream)
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, path)
+            with ctrl_c_held():
+                with os.fdopen(handle, "wb") as stream:
+                    torch.save(checkpoint, stream)
+                    stream.flush()
+                    os.fsync(stream.fileno())
+                os.replace(temporary, path)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
