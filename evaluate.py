@@ -107,7 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "checkpoint": str(args.checkpoint),
             "model": module.hparams.model_name,
             "images": len(true),
-            "test_time_flip": bool(module.hparams.get("test_time_flip", False)),
+            "test_time_flip": bool(module.hparams.test_time_flip),
             "accuracy": accuracy,
             "per_class_accuracy": dict(zip(class_names, per_class)),
             "class_names": class_names,

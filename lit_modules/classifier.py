@@ -116,7 +116,7 @@ class LitClassifier(pl.LightningModule):
         through one forward pass of twice the batch. The result is a log-probability,
         so ``argmax`` and cross-entropy read it like any logits.
         """
-        if not self.hparams.get("test_time_flip", False):
+        if not self.hparams.test_time_flip:
             return self(images)
         log_probs = self(torch.cat([images, images.flip(-1)])).float().log_softmax(dim=1)
         plain, mirrored = log_probs.chunk(2)
