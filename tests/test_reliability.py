@@ -53,12 +53,17 @@ def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_the_write(tmp_p
 
     monkeypatch.setattr(checkpointing.torch, "save", save_interrupted_midway)
     path = tmp_path / "last.ckpt"
-    with pytest.raises(KeyboardInterrupt):
-        checkpointing.AtomicCheckpointIO().save_checkpoint({"weights": torch.arange(5)}, path)
+    # Python's own Ctrl-C handler, whatever this process inherited (a shell's background job ignores SIGINT).
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            checkpointing.AtomicCheckpointIO().save_checkpoint({"weights": torch.arange(5)}, path)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, inherited)
     monkeypatch.undo()
     assert torch.equal(torch.load(path, weights_only=True)["weights"], torch.arange(5))
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 @pytest.mark.parametrize("stop_signal, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
