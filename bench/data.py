@@ -30,13 +30,15 @@ def data_path_throughput(batch_size: int, images_per_trial: int) -> float:
     class Training:  # what on_after_batch_transfer asks of the trainer
         training = True
         global_rank = 0
+        global_step = 0
 
-    datamodule.trainer = Training()
+    datamodule.trainer = trainer = Training()
     start = time.perf_counter()
     count = 0
     for batch in datamodule.train_dataloader():
         augmented, _ = datamodule.on_after_batch_transfer(batch, 0)
         count += augmented.shape[0]
+        trainer.global_step += 1  # each batch draws its crops and flips from its own step's seed
     return count / (time.perf_counter() - start)
 
 
