@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -106,14 +107,21 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
     """Run ``main``; a UserError or a data error becomes one line on stderr and exit code 2.
 
-    ``--debug`` anywhere on the command line shows the traceback instead.
+    ``--debug`` anywhere on the command line shows the traceback instead. A reader that stops early
+    (``evaluate.py ... | head -1``) ends the run quietly with exit code 1, as other command-line tools do.
     """
     from datamodules.errors import DataError
     from lit_modules.checkpointing import CheckpointError
 
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
-        return main(arguments)
+        status = main(arguments)
+        sys.stdout.flush()  # a closed pipe shows here, not at interpreter exit where it cannot be caught
+        return status
+    except BrokenPipeError:
+        # Point stdout at /dev/null so the interpreter's own final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except (UserError, DataError, CheckpointError) as error:
         if "--debug" in arguments:
             traceback.print_exc()
@@ -125,7 +133,6 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 def write_json_atomic(path: Path, data: dict) -> None:
     """Write JSON through a temporary file and a rename, so readers never see half a file."""
     import json
-    import os
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -68,7 +68,7 @@ def build_parser() -> ArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, default=None,
-                       help="training epochs; the learning-rate schedule spans them (default: 24, or the resumed run's)")
+                       help=f"training epochs; the learning-rate schedule spans them (default: {DEFAULT_EPOCHS}, or the resumed run's)")
     optim.add_argument("--optimizer", default="sgd", choices=("sgd", "adam", "adamw"), help="SGD uses Nesterov momentum")
     optim.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
     optim.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")

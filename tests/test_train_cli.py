@@ -1,11 +1,13 @@
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from tests.conftest import TINY_RUN
-from tests.helpers import assert_one_line_error, run_script, scalar_tags
+from tests.helpers import ROOT, assert_one_line_error, run_script, scalar_tags
 
 
 def printed_test_accuracy(stdout: str) -> float:
@@ -74,6 +76,16 @@ def test_help_documents_every_flag_with_its_default():
     assert text.count("(default:") >= 35
     for default in ["resnet50", "./data", "lightning_logs", "auto", "imagenet", "sgd"]:
         assert f"(default: {default})" in text
+
+
+def test_a_reader_that_stops_early_ends_the_script_quietly():
+    """`evaluate.py ... | head -1`: the closed pipe gives exit code 1 and no traceback."""
+    writes_a_lot = "import sys; from cli import run_main; sys.exit(run_main(lambda arguments: print('line\\n' * 100_000) or 0, []))"
+    process = subprocess.Popen([sys.executable, "-c", writes_a_lot], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()  # the reader goes away while the script still has more than a pipe buffer to write
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 1
+    assert stderr == ""
 
 
 @pytest.mark.parametrize(
