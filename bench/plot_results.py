@@ -38,9 +38,8 @@ def main() -> None:
         if summary["started"]:
             start = datetime.strptime(summary["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
         minutes = [(wall - start) / 60 for wall, _, _ in points]
-        label = f"{summary['model']} ({summary['stem']} stem), {summary['epochs']} epochs - {summary['run']}"
-        if summary["model"] == "vgg16":
-            label = f"vgg16, {summary['epochs']} epochs - {summary['run']}"
+        network = "vgg16" if summary["model"] == "vgg16" else f"{summary['model']} ({summary['stem']} stem)"
+        label = f"{network}, {summary['epochs']} epochs, lr {summary['lr']} - {summary['run']}"
         axes.plot(minutes, [100 * value for _, _, value in points], marker="o", markersize=3, label=label)
     for level in (80, 85, 90):
         axes.axhline(level, color="grey", linewidth=0.5, linestyle="--")
