@@ -4,8 +4,9 @@
 
 The exported model takes normalised ``(N, 3, 32, 32)`` float32 batches of any
 batch size ``N`` (normalise with the CIFAR-10 mean and std, as ``predict.py``
-does) and returns logits. The class names travel with it: ONNX metadata key
-``class_names``, TorchScript extra file ``class_names.json``. After writing,
+does) and returns logits; the checkpoint's ``--input-size`` resize is built in.
+The class names travel with it: ONNX metadata key ``class_names``,
+TorchScript extra file ``class_names.json``. After writing,
 the export is run on random batches of two sizes and compared with the
 PyTorch model; a difference above ``--tolerance`` is an error.
 """
@@ -96,7 +97,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", category=FutureWarning)
     module = load_classifier(args.checkpoint)
-    model = module.model.float().to(memory_format=torch.contiguous_format).eval()
+    model = torch.nn.Sequential(module.input_resize, module.model).float().to(memory_format=torch.contiguous_format).eval()
     temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         if args.format == "onnx":

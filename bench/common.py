@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from datamodules.transforms import normalize, train_augment
 from lit_modules.classifier import split_decay_groups
-from models import get_model
+from models import InputResize, get_model
 
 
 def synthetic_images(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -29,14 +29,17 @@ def autocast_for(precision: str):
 
 def plain_loop_throughput(model_name: str, batch_size: int, steps: int, warmup: int, precision: str,
                           channels_last: bool, model_options: dict | None = None, compile: bool = False,
-                          timings: dict | None = None) -> float:
+                          timings: dict | None = None, input_size: int | None = None) -> float:
     """Training images per second of a hand-written loop: augment, normalise, forward, backward, SGD step.
 
     With ``compile`` the model goes through ``torch.compile`` first; the compilation
     happens in the untimed warm-up steps, whose seconds land in ``timings["warmup_seconds"]``.
+    With ``input_size`` each 32x32 batch is resized to that size before the model, as
+    ``LitClassifier(input_size=...)`` does.
     """
     torch.manual_seed(0)
     model = get_model(model_name, **(model_options or {})).train()
+    resize = InputResize(input_size)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if compile:
@@ -54,7 +57,7 @@ def plain_loop_throughput(model_name: str, batch_size: int, steps: int, warmup: 
             batch = batch.contiguous(memory_format=torch.channels_last)
         target = labels[step * batch_size : (step + 1) * batch_size]
         with autocast_for(precision):
-            loss = F.cross_entropy(model(batch), target, label_smoothing=0.1)
+            loss = F.cross_entropy(model(resize(batch)), target, label_smoothing=0.1)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -39,7 +39,7 @@ def main() -> None:
             start = datetime.strptime(summary["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
         minutes = [(wall - start) / 60 for wall, _, _ in points]
         network = "vgg16" if summary["model"] == "vgg16" else f"{summary['model']} ({summary['stem']} stem)"
-        label = f"{network}, {summary['epochs']} epochs, lr {summary['lr']} - {summary['run']}"
+        label = f"{network}, {summary['input_size']} px, {summary['epochs']} epochs, lr {summary['lr']} - {summary['run']}"
         axes.plot(minutes, [100 * value for _, _, value in points], marker="o", markersize=3, label=label)
     for level in (80, 85, 90):
         axes.axhline(level, color="grey", linewidth=0.5, linestyle="--")

@@ -46,6 +46,7 @@ def run_summary(run_dir: Path) -> dict:
         "stem": (hparams.get("model_options") or {}).get("stem", "-"),
         "optimizer": hparams.get("optimizer"),
         "lr": hparams.get("lr"),
+        "input_size": hparams.get("input_size") or 32,
         "epochs": info.get("epochs") or len(val),
         "precision": info.get("precision"),
         "wall_minutes": wall_minutes,

@@ -26,7 +26,7 @@ def main() -> None:
     for run_dir in args.runs:
         s = run_summary(run_dir)
         rows.append([
-            s["model"], s["stem"], f"{s['optimizer']} lr {s['lr']}", str(s["epochs"]), str(s["precision"]),
+            s["model"], s["stem"], f"{s['optimizer']} lr {s['lr']}, {s['input_size']} px", str(s["epochs"]), str(s["precision"]),
             "-" if s["wall_minutes"] is None else f"{s['wall_minutes']:.1f} min",
             "-" if s["median_epoch_seconds"] is None else f"{s['median_epoch_seconds']:.0f} s",
             percent(s["best_val_acc"]), percent(s["test_acc"]), s["run"], f"`{s['command']}`",

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from lit_modules import visuals
-from models import get_model
+from models import InputResize, get_model
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULERS = ("onecycle", "cosine", "none")
@@ -57,6 +57,9 @@ class LitClassifier(pl.LightningModule):
             ``val/acc`` and checkpoint selection cost one forward pass per image.
         class_names: label names, saved with the checkpoint for prediction and reports
             (CIFAR-10's when ``num_classes`` is 10).
+        input_size: the network sees every batch (train, validation, test, prediction)
+            bilinearly resized to ``input_size x input_size``; ``None`` keeps the data's
+            size. See :class:`models.InputResize`.
 
     Besides the scalars, a TensorBoard logger receives the confusion matrix and
     per-class accuracy after every validation epoch and after testing, a grid of
@@ -79,6 +82,7 @@ class LitClassifier(pl.LightningModule):
         channels_last: bool = False,
         test_time_flip: bool = True,
         class_names: list[str] | None = None,
+        input_size: int | None = None,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -90,6 +94,7 @@ class LitClassifier(pl.LightningModule):
         if len(class_names) != num_classes:
             raise ValueError(f"{len(class_names)} class names for {num_classes} classes")
         self.save_hyperparameters()
+        self.input_resize = InputResize(input_size)
         self.model = get_model(model_name, num_classes, **(model_options or {}))
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
@@ -105,7 +110,7 @@ class LitClassifier(pl.LightningModule):
         return list(self.hparams.class_names)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.model(images)
+        return self.model(self.input_resize(images))
 
     def test_logits(self, images: Tensor) -> Tensor:
         """Logits the test stage scores: plain, or with ``test_time_flip`` the log of the mean

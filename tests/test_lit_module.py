@@ -37,7 +37,8 @@ def test_forward_returns_logits():
 
 
 def test_checkpoint_alone_rebuilds_the_model(tmp_path):
-    module = LitClassifier("resnet50", num_classes=10, model_options={"stem": "cifar"}, lr=0.3, label_smoothing=0.2)
+    module = LitClassifier("resnet50", num_classes=10, model_options={"stem": "cifar"}, lr=0.3, label_smoothing=0.2,
+                           input_size=40)
     trainer = small_trainer(tmp_path, max_epochs=0)
     trainer.strategy.connect(module)
     path = tmp_path / "model.ckpt"
@@ -45,9 +46,24 @@ def test_checkpoint_alone_rebuilds_the_model(tmp_path):
     restored = LitClassifier.load_from_checkpoint(path).eval()
     module.eval()
     assert restored.hparams.lr == 0.3 and restored.hparams.model_options == {"stem": "cifar"}
+    assert restored.input_resize.size == 40
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(restored(images), module(images))
+
+
+def test_input_size_resizes_what_the_network_sees_in_every_stage():
+    torch.manual_seed(0)
+    module = LitClassifier("resnet50", input_size=48).eval()
+    seen = []
+    module.model.conv1.register_forward_hook(lambda layer, inputs, output: seen.append(tuple(inputs[0].shape)))
+    images = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        logits = module(images)
+        module.test_logits(images)
+        expected = module.model(torch.nn.functional.interpolate(images, size=(48, 48), mode="bilinear"))
+    assert seen == [(3, 3, 48, 48), (6, 3, 48, 48), (3, 3, 48, 48)]  # plain, image and mirror, reference
+    torch.testing.assert_close(logits, expected)
 
 
 def test_test_time_flip_averages_the_probabilities_of_image_and_mirror():

@@ -133,3 +133,20 @@ def test_duplicate_name_raises():
     with pytest.raises(ValueError, match="already registered"):
         register_model(vgg16)
     assert get_model("vgg16").__class__.__name__ == "VGG"
+
+
+def test_input_resize_upsamples_to_the_given_size_and_keeps_the_layout():
+    from models import InputResize
+
+    images = torch.randn(2, 3, 32, 32)
+    resized = InputResize(48)(images)
+    assert resized.shape == (2, 3, 48, 48)
+    torch.testing.assert_close(resized.mean(dim=(2, 3)), images.mean(dim=(2, 3)), atol=0.05, rtol=0)
+    constant = torch.full((1, 3, 32, 32), 0.7)
+    torch.testing.assert_close(InputResize(64)(constant), torch.full((1, 3, 64, 64), 0.7))
+    assert InputResize(32)(images) is images and InputResize(None)(images) is images
+    channels_last = images.contiguous(memory_format=torch.channels_last)
+    out = InputResize(48)(channels_last)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    with pytest.raises(ValueError, match="input size must be positive"):
+        InputResize(0)

@@ -53,6 +53,28 @@ def test_run_info_records_command_seed_and_versions(trained_run):
     assert info["test_acc"] == pytest.approx(printed_test_accuracy(result.stdout) / 100, abs=1e-4)
 
 
+@pytest.mark.parametrize(
+    "args, size",
+    [
+        ([], 48),
+        (["--model", "resnet50_seed"], 48),
+        (["--stem", "cifar"], None),
+        (["--model", "vgg16"], None),
+        (["--input-size", "32"], 32),
+        (["--model", "vgg16", "--input-size", "64"], 64),
+    ],
+)
+def test_auto_input_size_upsamples_only_the_imagenet_stem(args, size):
+    import train
+
+    assert train.resolve_input_size(train.build_parser().parse_args(args)) == size
+
+
+def test_the_default_run_trains_at_48_pixels_and_records_it(trained_run):
+    run_dir, _ = trained_run
+    assert "input_size: 48" in (run_dir / "hparams.yaml").read_text().splitlines()
+
+
 def test_vgg16_fast_dev_run(image_folder, cache_dir, tmp_path):
     result = run_script(
         "train.py", "--model", "vgg16", "--data-dir", image_folder, "--cache-dir", cache_dir,
@@ -99,6 +121,8 @@ def test_a_reader_that_stops_early_ends_the_script_quietly():
         (["--lr", "nan"], "--lr: must be a positive number"),
         (["--precision", "8"], "--precision: invalid choice"),
         (["--optimizer", "rmsprop"], "--optimizer: invalid choice"),
+        (["--input-size", "0"], "--input-size: must be 'auto' or a positive integer"),
+        (["--input-size", "big"], "--input-size: must be 'auto' or a positive integer"),
     ],
 )
 def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):

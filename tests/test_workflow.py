@@ -177,7 +177,8 @@ def test_export_matches_pytorch(best_checkpoint, exported, export_format):
     out, result = exported[export_format]
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.is_file() and f"Wrote {out}" in result.stdout
-    reference = load_classifier(best_checkpoint).model.float().eval()
+    reference = load_classifier(best_checkpoint).float().eval()  # resizes to the trained input size, as the export must
+    assert reference.input_resize.size == 48
     for batch_size in (1, 7):
         images = torch.randn(batch_size, 3, 32, 32)
         with torch.no_grad():
