@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -12,11 +11,12 @@ class InputResize(nn.Module):
 
     CIFAR-10 images are 32x32. A network with the ImageNet stem (stride 4
     before its first stage) then works on 8x8 maps in stage 1 and 1x1 in stage
-    4; upsampling the input to 64x64 gives it 16x16 and 2x2 maps at about
-    1.8x the CPU cost of 32x32 for ResNet-50 (bench/throughput.py
-    ``--input-size``), because small maps use the hardware poorly. The resize
-    holds no parameters, so it is part of the classifier's hyperparameters,
-    not its weights, and is exported together with the network.
+    4; upsampling the input to 48x48 gives it 12x12 maps at about 1.4x the CPU
+    cost of 32x32 for ResNet-50, not the 2.25x of the pixel count, because
+    small maps use the hardware poorly (``bench/throughput.py --size-sweep``,
+    RESULTS.md). The resize holds no parameters, so it is part of the
+    classifier's hyperparameters, not its weights, and is exported together
+    with the network.
     """
 
     def __init__(self, size: int | None = None) -> None:
@@ -28,11 +28,8 @@ class InputResize(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         if self.size is None or tuple(images.shape[-2:]) == (self.size, self.size):
             return images
-        resized = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        if images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous():
-            resized = resized.contiguous(memory_format=torch.channels_last)  # keep the layout the weights expect
-        return resized
+        # interpolate keeps a channels-last batch channels-last, the layout the weights expect
+        return F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
 
     def extra_repr(self) -> str:
         return f"size={self.size}"
-
