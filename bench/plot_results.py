@@ -29,7 +29,9 @@ def main() -> None:
     args = parser.parse_args()
 
     figure, axes = plt.subplots(figsize=(8, 5))
-    for run_dir in args.runs:
+    # The default cycle repeats after 10 colours; 20 distinct ones, and dashes for VGG-16, keep every curve apart.
+    colours = plt.get_cmap("tab20").colors
+    for index, run_dir in enumerate(args.runs):
         summary = run_summary(run_dir)
         points = scalars(run_dir).get("val/acc", [])
         if not points:
@@ -40,7 +42,8 @@ def main() -> None:
         minutes = [(wall - start) / 60 for wall, _, _ in points]
         network = "vgg16" if summary["model"] == "vgg16" else f"{summary['model']} ({summary['stem']} stem)"
         label = f"{network}, {summary['input_size']} px, {summary['epochs']} epochs, lr {summary['lr']} - {summary['run']}"
-        axes.plot(minutes, [100 * value for _, _, value in points], marker="o", markersize=3, label=label)
+        axes.plot(minutes, [100 * value for _, _, value in points], marker="o", markersize=3, label=label,
+                  color=colours[index % len(colours)], linestyle="--" if summary["model"] == "vgg16" else "-")
     for level in (80, 85, 90):
         axes.axhline(level, color="grey", linewidth=0.5, linestyle="--")
     axes.set_xlabel("wall time since start (minutes)")
