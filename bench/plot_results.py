@@ -40,10 +40,11 @@ def main() -> None:
         if summary["started"]:
             start = datetime.strptime(summary["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
         minutes = [(wall - start) / 60 for wall, _, _ in points]
-        network = "vgg16" if summary["model"] == "vgg16" else f"{summary['model']} ({summary['stem']} stem)"
+        is_vgg = summary["model"] == "vgg16"
+        network = "vgg16" if is_vgg else f"{summary['model']} ({summary['stem']} stem)"
         label = f"{network}, {summary['input_size']} px, {summary['epochs']} epochs, lr {summary['lr']} - {summary['run']}"
         axes.plot(minutes, [100 * value for _, _, value in points], marker="o", markersize=3, label=label,
-                  color=colours[index % len(colours)], linestyle="--" if summary["model"] == "vgg16" else "-")
+                  color=colours[index % len(colours)], linestyle="--" if is_vgg else "-")
     for level in (80, 85, 90):
         axes.axhline(level, color="grey", linewidth=0.5, linestyle="--")
     axes.set_xlabel("wall time since start (minutes)")

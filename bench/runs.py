@@ -6,6 +6,8 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from datamodules.cifar10 import IMAGE_SIZE
+
 
 def scalars(run_dir: Path) -> dict[str, list[tuple[float, int, float]]]:
     """tag -> [(wall_time, step, value)] over every event file of the run, in time order."""
@@ -46,7 +48,7 @@ def run_summary(run_dir: Path) -> dict:
         "stem": (hparams.get("model_options") or {}).get("stem", "-"),
         "optimizer": hparams.get("optimizer"),
         "lr": hparams.get("lr"),
-        "input_size": hparams.get("input_size") or 32,
+        "input_size": hparams.get("input_size") or IMAGE_SIZE,
         "epochs": info.get("epochs") or len(val),
         "precision": info.get("precision"),
         "wall_minutes": wall_minutes,

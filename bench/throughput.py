@@ -31,6 +31,7 @@ import _path  # noqa: F401  (puts the project root on sys.path)
 from bench.common import markdown_table, median, plain_loop_throughput, synthetic_images
 from cli import resolve_precision
 from datamodules import CIFAR10DataModule
+from datamodules.cifar10 import IMAGE_SIZE
 from lit_modules import LitClassifier
 
 
@@ -114,7 +115,7 @@ def main() -> None:
                                      f"{compile_seconds[0]:.0f}", f"{median(compile_seconds[1:] or compile_seconds):.0f}"])
             print(f"{model}: " + ", ".join(f"{k} {[round(v, 1) for v in vs]}" for k, vs in runs.items()), flush=True)
 
-    size = args.input_size or 32
+    size = args.input_size or IMAGE_SIZE
     print(f"\nTraining throughput, images/s (median of {args.repeats} alternated trials of {args.steps} steps; "
           f"input {size}x{size}; CPU)\n")
     print(markdown_table(["model", "precision", "batch", "(a) Trainer", "(b) plain loop", "ratio a/b"], overhead_rows))
