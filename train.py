@@ -70,6 +70,8 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--val-size", type=non_negative_int, default=5000, help="training images held out for validation")
     data.add_argument("--batch-size", type=positive_int, default=128, help="images per batch (per device)")
     data.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers (data is in memory)")
+    data.add_argument("--cutout", type=non_negative_int, default=0, metavar="N",
+                      help="fill one random NxN square of each training image with the mean colour (0: off; at most 32)")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, default=None,
@@ -369,6 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
         cache_dir=args.cache_dir or default_cache_dir(),
         channels_last=module.hparams.channels_last,
+        cutout_size=args.cutout,
     )
     datamodule.prepare_data()  # data problems surface here, before any run folder is made
 

@@ -281,6 +281,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         cache_dir: where decoded image-folder arrays are cached; ``None`` disables the cache.
         download: fetch the official archive when ``data_dir`` holds no data.
         channels_last: hand batches over in channels-last memory format.
+        cutout_size: side of the square that training augmentation fills with the
+            mean colour (:func:`~datamodules.transforms.cutout`); 0 leaves it out.
+            A resumed run keeps the size saved in its checkpoint.
     """
 
     def __init__(
@@ -294,10 +297,13 @@ class CIFAR10DataModule(pl.LightningDataModule):
         cache_dir: str | Path | None = default_cache_dir(),
         download: bool = True,
         channels_last: bool = False,
+        cutout_size: int = 0,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}")
+        if not 0 <= cutout_size <= IMAGE_SIZE:
+            raise DataError(f"cutout_size must be between 0 and the image size {IMAGE_SIZE}, got {cutout_size}")
         self.data_dir = Path(data_dir)
         self.batch_size = batch_size
         self.num_workers = num_workers
@@ -307,6 +313,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.cache_dir = cache_dir
         self.download = download
         self.channels_last = channels_last
+        self.cutout_size = cutout_size
         self.classes = CIFAR10_CLASSES
         self._arrays: dict[str, torch.Tensor] | None = None
         self.train_set = self.val_set = self.test_set = None
@@ -351,7 +358,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
             return {}
         # Part-way through an epoch its pass is unfinished: a resumed run replays that pass (and skips what was done).
         batches_done = self.train_batches_done()
-        return {"sampler_passes": self.train_sampler.passes - (1 if batches_done else 0), "batches_done": batches_done}
+        return {"sampler_passes": self.train_sampler.passes - (1 if batches_done else 0), "batches_done": batches_done,
+                "cutout_size": self.cutout_size}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
@@ -359,6 +367,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.setup("fit")
         self.train_sampler.passes = int(state_dict["sampler_passes"])
         self._resume_skip = int(state_dict.get("batches_done", 0))
+        self.cutout_size = int(state_dict.get("cutout_size", 0))
 
     def augment_generator(self) -> torch.Generator:
         """The generator for the next training batch's crops and flips.
@@ -404,7 +413,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         images, labels = batch
         if self.trainer is not None and self.trainer.training:
-            images = train_augment(images, self.augment_generator())
+            images = train_augment(images, self.augment_generator(), self.cutout_size)
         images = normalize(images)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -65,6 +65,29 @@ def random_horizontal_flip(images: Tensor, p: float = 0.5, generator: torch.Gene
     return torch.where(flip.view(-1, 1, 1, 1), images.flip(-1), images)
 
 
-def train_augment(images: Tensor, generator: torch.Generator | None = None) -> Tensor:
-    """The seed's training augmentation: 4-pixel-padded random crop, then random horizontal flip."""
-    return random_horizontal_flip(random_crop(images, 4, generator), 0.5, generator)
+def cutout(images: Tensor, size: int, generator: torch.Generator | None = None) -> Tensor:
+    """Fill one ``size`` x ``size`` square per image with the mean colour.
+
+    DeVries & Taylor, "Improved Regularization of Convolutional Neural Networks
+    with Cutout", 2017 (arXiv:1708.04552): the square's centre is uniform over
+    the image, so near a border only part of the square lies inside it. The fill
+    is the CIFAR-10 mean in uint8, which :func:`normalize` maps to about zero,
+    as the paper's zeroing of normalised images does.
+    """
+    if size == 0:
+        return images
+    n, _, height, width = images.shape
+    top = _randint(height, (n,), generator).to(images.device) - size // 2
+    left = _randint(width, (n,), generator).to(images.device) - size // 2
+    rows = torch.arange(height, device=images.device).view(1, height, 1)
+    cols = torch.arange(width, device=images.device).view(1, 1, width)
+    inside = ((rows >= top.view(n, 1, 1)) & (rows < (top + size).view(n, 1, 1))
+              & (cols >= left.view(n, 1, 1)) & (cols < (left + size).view(n, 1, 1)))
+    fill = torch.tensor([round(255 * m) for m in CIFAR10_MEAN], dtype=images.dtype, device=images.device)
+    return torch.where(inside.unsqueeze(1), fill.view(1, -1, 1, 1), images)
+
+
+def train_augment(images: Tensor, generator: torch.Generator | None = None, cutout_size: int = 0) -> Tensor:
+    """The seed's training augmentation (4-pixel-padded random crop, random horizontal flip), then optional cutout."""
+    images = random_horizontal_flip(random_crop(images, 4, generator), 0.5, generator)
+    return cutout(images, cutout_size, generator)

@@ -5,7 +5,7 @@ import torch
 
 from datamodules import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, DataError, load_cifar10, normalize
 from datamodules.cifar10 import split_train_val
-from datamodules.transforms import random_crop, random_horizontal_flip, train_augment
+from datamodules.transforms import cutout, random_crop, random_horizontal_flip, train_augment
 from tests.conftest import write_image_folder
 
 
@@ -38,6 +38,42 @@ def test_flip_is_a_mirror():
 def test_train_augment_keeps_shape_and_dtype():
     out = train_augment(random_batch())
     assert out.shape == (16, 3, 32, 32) and out.dtype == torch.uint8
+
+
+def test_cutout_fills_one_clipped_square_per_image_with_the_mean_colour():
+    images = random_batch(n=64)
+    out = cutout(images, 8, generator=torch.Generator().manual_seed(2))
+    fill = torch.tensor([round(255 * m) for m in CIFAR10_MEAN], dtype=torch.uint8).view(3, 1, 1)
+    boxes = set()
+    for image, result in zip(images, out):
+        filled = (result == fill).all(0)
+        rows, cols = filled.any(1).nonzero().flatten(), filled.any(0).nonzero().flatten()
+        top, bottom, left, right = rows.min(), rows.max() + 1, cols.min(), cols.max() + 1
+        assert filled[top:bottom, left:right].all() and int(filled.sum()) == (bottom - top) * (right - left)
+        assert 4 <= bottom - top <= 8 and 4 <= right - left <= 8  # clipped by a border at most to half
+        assert torch.equal(result[:, ~filled], image[:, ~filled])  # nothing else changes
+        boxes.add((int(top), int(left), int(bottom - top), int(right - left)))
+    assert len(boxes) > 10 and any(h == 8 and w == 8 for _, _, h, w in boxes) and any(h < 8 for _, _, h, _ in boxes)
+    assert torch.equal(cutout(images, 0), images)
+    assert (normalize(out).abs() < 0.01).sum() >= 64 * 3 * 16  # the fill normalises to about zero
+
+
+def test_cutout_is_off_by_default_and_kept_in_the_datamodule_state(image_folder, cache_dir):
+    generator_seed = 5
+    images = random_batch()
+    plain = train_augment(images, torch.Generator().manual_seed(generator_seed))
+    with_cutout = train_augment(images, torch.Generator().manual_seed(generator_seed), cutout_size=8)
+    differs = (plain != with_cutout).any(1)
+    assert differs.flatten(1).any(1).all()  # every image lost a square ...
+    assert (differs.flatten(1).sum(1) <= 64).all()  # ... and no more than a square
+    datamodule = CIFAR10DataModule(image_folder, batch_size=16, val_size=20, cache_dir=cache_dir, cutout_size=8)
+    datamodule.setup("fit")
+    resumed = CIFAR10DataModule(image_folder, batch_size=16, val_size=20, cache_dir=cache_dir)
+    assert resumed.cutout_size == 0
+    resumed.load_state_dict(datamodule.state_dict())
+    assert resumed.cutout_size == 8
+    with pytest.raises(DataError, match="cutout_size must be between 0 and the image size 32, got 33"):
+        CIFAR10DataModule(image_folder, cutout_size=33)
 
 
 def test_normalize_values():

@@ -123,6 +123,7 @@ def test_a_reader_that_stops_early_ends_the_script_quietly():
         (["--optimizer", "rmsprop"], "--optimizer: invalid choice"),
         (["--input-size", "0"], "--input-size: must be 'auto' or a positive integer"),
         (["--input-size", "big"], "--input-size: must be 'auto' or a positive integer"),
+        (["--cutout", "-1"], "--cutout: must be zero or a positive integer"),
     ],
 )
 def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
@@ -142,6 +143,7 @@ def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
         (["--accelerator", "cpu", "--devices", "512"], "this machine has"),
         (["--ckpt-path", "missing.ckpt"], "missing.ckpt: no such file"),
         (["--init-from", "missing.pt"], "missing.pt: no such file"),
+        (["--cutout", "33"], "cutout_size must be between 0 and the image size 32, got 33"),
     ],
 )
 def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path, image_folder):
