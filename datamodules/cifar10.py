@@ -370,7 +370,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
         self.cutout_size = int(state_dict.get("cutout_size", 0))
 
     def augment_generator(self) -> torch.Generator:
-        """The generator for the next training batch's crops and flips.
+        """The generator for the next training batch's crops, flips and cutout squares.
 
         Seeded from (``seed``, process rank, optimiser step) rather than carried
         as one stream, so a resumed run augments each batch as the uninterrupted

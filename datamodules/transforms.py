@@ -15,6 +15,8 @@ from torch import Tensor
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# The mean colour as uint8 pixel values: what cutout fills with, and what normalize maps to about zero.
+CIFAR10_MEAN_UINT8 = tuple(round(255 * m) for m in CIFAR10_MEAN)
 
 
 def _randint(high: int, size: tuple, generator: torch.Generator | None) -> Tensor:
@@ -83,7 +85,7 @@ def cutout(images: Tensor, size: int, generator: torch.Generator | None = None) 
     cols = torch.arange(width, device=images.device).view(1, 1, width)
     inside = ((rows >= top.view(n, 1, 1)) & (rows < (top + size).view(n, 1, 1))
               & (cols >= left.view(n, 1, 1)) & (cols < (left + size).view(n, 1, 1)))
-    fill = torch.tensor([round(255 * m) for m in CIFAR10_MEAN], dtype=images.dtype, device=images.device)
+    fill = torch.tensor(CIFAR10_MEAN_UINT8, dtype=images.dtype, device=images.device)
     return torch.where(inside.unsqueeze(1), fill.view(1, -1, 1, 1), images)
 
 

@@ -5,7 +5,7 @@ import torch
 
 from datamodules import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, DataError, load_cifar10, normalize
 from datamodules.cifar10 import split_train_val
-from datamodules.transforms import cutout, random_crop, random_horizontal_flip, train_augment
+from datamodules.transforms import CIFAR10_MEAN_UINT8, cutout, random_crop, random_horizontal_flip, train_augment
 from tests.conftest import write_image_folder
 
 
@@ -43,7 +43,7 @@ def test_train_augment_keeps_shape_and_dtype():
 def test_cutout_fills_one_clipped_square_per_image_with_the_mean_colour():
     images = random_batch(n=64)
     out = cutout(images, 8, generator=torch.Generator().manual_seed(2))
-    fill = torch.tensor([round(255 * m) for m in CIFAR10_MEAN], dtype=torch.uint8).view(3, 1, 1)
+    fill = torch.tensor(CIFAR10_MEAN_UINT8, dtype=torch.uint8).view(3, 1, 1)
     boxes = set()
     for image, result in zip(images, out):
         filled = (result == fill).all(0)
