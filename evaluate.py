@@ -6,7 +6,8 @@ Prints the overall accuracy, the accuracy of each class and the confusion
 matrix (rows: true class, columns: predicted); ``--json PATH`` writes them too.
 The model is rebuilt from the checkpoint's hyperparameters alone, and scored as
 ``train.py`` tests it (with the mirror-image average unless the run turned it off;
-``--test-time-flip false`` scores single views).
+``--test-time-flip false`` scores single views, ``--test-time-shift 2`` adds
+shifted views).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cli import ArgumentParser, positive_int, run_main, str_to_bool, write_json_atomic
+from cli import ArgumentParser, non_negative_int, positive_int, run_main, str_to_bool, write_json_atomic
 
 
 def build_parser() -> ArgumentParser:
@@ -27,6 +28,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     parser.add_argument("--test-time-flip", type=str_to_bool, default=None, metavar="BOOL",
                         help="average each image's and its mirror image's probabilities (default: as the run tested)")
+    parser.add_argument("--test-time-shift", type=non_negative_int, default=None, metavar="PIXELS",
+                        help="also average copies shifted by this many pixels each way (default: as the run tested)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser
@@ -91,6 +94,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = load_classifier(args.checkpoint)
     if args.test_time_flip is not None:
         module.hparams.test_time_flip = args.test_time_flip
+    if args.test_time_shift is not None:
+        module.hparams.test_time_shift = args.test_time_shift
     device = pick_device(args.device)
     datamodule = CIFAR10DataModule(
         args.data_dir, batch_size=args.batch_size, val_size=0, cache_dir=args.cache_dir or default_cache_dir()
@@ -108,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "model": module.hparams.model_name,
             "images": len(true),
             "test_time_flip": bool(module.hparams.test_time_flip),
+            "test_time_shift": int(module.hparams.test_time_shift),
             "accuracy": accuracy,
             "per_class_accuracy": dict(zip(class_names, per_class)),
             "class_names": class_names,

@@ -104,6 +104,9 @@ def build_parser() -> ArgumentParser:
     evaluation.add_argument("--test-time-flip", type=str_to_bool, default=True, metavar="BOOL",
                             help="test on the mean of each image's and its mirror image's probabilities "
                                  "(validation stays single-view)")
+    evaluation.add_argument("--test-time-shift", type=non_negative_int, default=0, metavar="PIXELS",
+                            help="also test on copies shifted by this many pixels left, right, up and down "
+                                 "(and their mirrors): 10 views instead of 2; 0 turns it off")
 
     run = parser.add_argument_group("run control")
     run.add_argument("--limit-train-batches", type=int_or_fraction, default=None, help="batches (int) or fraction per epoch")
@@ -282,6 +285,7 @@ def build_module(args, ckpt_path: Path | None):
         warmup_fraction=args.warmup_fraction,
         channels_last=args.channels_last,
         test_time_flip=args.test_time_flip,
+        test_time_shift=args.test_time_shift,
         input_size=resolve_input_size(args),
     )
     if args.init_from:

@@ -55,6 +55,9 @@ class LitClassifier(pl.LightningModule):
         test_time_flip: test on the mean of the class probabilities of each image and of
             its mirror image (see :meth:`test_logits`); validation stays single-view, so
             ``val/acc`` and checkpoint selection cost one forward pass per image.
+        test_time_shift: with ``s > 0``, also test on four copies of each image shifted by
+            ``s`` pixels left, right, up and down (mirrored too under ``test_time_flip``:
+            10 views in all); see :meth:`test_views`.
         class_names: label names, saved with the checkpoint for prediction and reports
             (CIFAR-10's when ``num_classes`` is 10).
         input_size: the network sees every batch (train, validation, test, prediction)
@@ -81,6 +84,7 @@ class LitClassifier(pl.LightningModule):
         warmup_fraction: float = 0.15,
         channels_last: bool = False,
         test_time_flip: bool = True,
+        test_time_shift: int = 0,
         class_names: list[str] | None = None,
         input_size: int | None = None,
     ) -> None:
@@ -89,6 +93,8 @@ class LitClassifier(pl.LightningModule):
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
+        if test_time_shift < 0:
+            raise ValueError(f"test_time_shift must be zero or positive, got {test_time_shift}")
         if class_names is None:
             class_names = list(CIFAR10_CLASS_NAMES) if num_classes == 10 else [str(i) for i in range(num_classes)]
         if len(class_names) != num_classes:
@@ -112,20 +118,44 @@ class LitClassifier(pl.LightningModule):
     def forward(self, images: Tensor) -> Tensor:
         return self.model(self.input_resize(images))
 
-    def test_logits(self, images: Tensor) -> Tensor:
-        """Logits the test stage scores: plain, or with ``test_time_flip`` the log of the mean
-        of the softmax over each image and its left-right mirror.
+    def test_views(self, images: Tensor) -> list[Tensor]:
+        """The views of a normalised batch that the test stage averages over.
 
-        Left-right mirroring is the one augmentation the training also applies, so the
-        mirror image is as familiar to the network as the original. Both views go
-        through one forward pass of twice the batch. The result is a log-probability,
-        so ``argmax`` and cross-entropy read it like any logits.
+        The batch itself; with ``test_time_shift = s`` four copies shifted by ``s``
+        pixels (content moves right, left, down, up; the uncovered border is zero,
+        the mean colour after normalisation), a subset of the windows the
+        training's padded random crop already shows the network; with
+        ``test_time_flip`` the left-right mirror of each of those.
         """
-        if not self.hparams.test_time_flip:
+        views = [images]
+        shift = self.hparams.test_time_shift
+        if shift:
+            height, width = images.shape[-2:]
+            padded = F.pad(images, (shift, shift, shift, shift))
+            for dy, dx in ((0, -shift), (0, shift), (-shift, 0), (shift, 0)):
+                views.append(padded[..., shift + dy:shift + dy + height, shift + dx:shift + dx + width])
+        if self.hparams.test_time_flip:
+            views += [view.flip(-1) for view in views]
+        return views
+
+    def test_logits(self, images: Tensor) -> Tensor:
+        """Logits the test stage scores: plain for a single view, else the log of the mean
+        of the softmax over the views of :meth:`test_views`.
+
+        Left-right mirroring and small shifts are augmentations the training also
+        applies, so these views are as familiar to the network as the original.
+        All views go through one forward pass of a batch that many times larger.
+        The result is a log-probability, so ``argmax`` and cross-entropy read it
+        like any logits.
+        """
+        views = self.test_views(images)
+        if len(views) == 1:
             return self(images)
-        log_probs = self(torch.cat([images, images.flip(-1)])).float().log_softmax(dim=1)
-        plain, mirrored = log_probs.chunk(2)
-        return torch.logaddexp(plain, mirrored) - math.log(2)
+        stacked = torch.cat(views)
+        if images.is_contiguous(memory_format=torch.channels_last):
+            stacked = stacked.contiguous(memory_format=torch.channels_last)
+        log_probs = self(stacked).float().log_softmax(dim=1).view(len(views), images.shape[0], -1)
+        return log_probs.logsumexp(dim=0) - math.log(len(views))
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
         images, labels = batch

@@ -81,6 +81,43 @@ def test_test_time_flip_averages_the_probabilities_of_image_and_mirror():
     torch.testing.assert_close(single, plain)
 
 
+def _shifted(images, dy, dx):
+    """``images`` moved ``dy`` pixels down and ``dx`` right, the uncovered border zero."""
+    moved = torch.roll(images, shifts=(dy, dx), dims=(-2, -1))
+    if dy > 0:
+        moved[..., :dy, :] = 0
+    elif dy < 0:
+        moved[..., dy:, :] = 0
+    if dx > 0:
+        moved[..., :, :dx] = 0
+    elif dx < 0:
+        moved[..., :, dx:] = 0
+    return moved
+
+
+def test_test_time_shift_averages_ten_shifted_and_mirrored_views():
+    torch.manual_seed(0)
+    module = LitClassifier("vgg16", test_time_flip=True, test_time_shift=2).eval()
+    images = torch.randn(3, 3, 32, 32)
+    shifted = [images] + [_shifted(images, dy, dx) for dy, dx in ((0, 2), (0, -2), (2, 0), (-2, 0))]
+    views = shifted + [view.flip(-1) for view in shifted]
+    with torch.no_grad():
+        expected = torch.stack([module(view).softmax(1) for view in views]).mean(0).log()
+        averaged = module.test_logits(images)
+        module.hparams.test_time_flip = False
+        unmirrored = module.test_logits(images)
+        expected_unmirrored = torch.stack([module(view).softmax(1) for view in shifted]).mean(0).log()
+    assert len(module.test_views(images)) == 5
+    torch.testing.assert_close(averaged, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(unmirrored, expected_unmirrored, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(averaged, unmirrored, atol=1e-4)
+
+
+def test_negative_test_time_shift_is_refused():
+    with pytest.raises(ValueError, match="test_time_shift"):
+        LitClassifier("vgg16", test_time_shift=-1)
+
+
 def test_weight_decay_skips_batchnorm_and_biases():
     module = LitClassifier("vgg16")
     decay, no_decay = split_decay_groups(module.model, 5e-4)

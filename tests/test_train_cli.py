@@ -93,7 +93,7 @@ def test_help_documents_every_flag_with_its_default():
                  "--weight-decay", "--label-smoothing", "--seed", "--accelerator", "--devices", "--precision",
                  "--num-workers", "--limit-train-batches", "--limit-val-batches", "--limit-test-batches",
                  "--fast-dev-run", "--logdir", "--ckpt-path", "--init-from", "--init-strict", "--strategy",
-                 "--num-nodes", "--deterministic", "--compile", "--channels-last", "--checkpoint-every-n-steps", "--test-time-flip"]:
+                 "--num-nodes", "--deterministic", "--compile", "--channels-last", "--checkpoint-every-n-steps", "--test-time-flip", "--test-time-shift"]:
         assert flag in text
     assert text.count("(default:") >= 35
     for default in ["resnet50", "./data", "lightning_logs", "auto", "imagenet", "sgd"]:

@@ -114,13 +114,13 @@ def test_evaluate_prints_and_writes_the_report(trained_run, best_checkpoint, ima
     assert data["accuracy"] == pytest.approx(np.trace(matrix) / 30)
     assert data["per_class_accuracy"]["cat"] == pytest.approx(matrix[3, 3] / 3)
     assert data["model"] == "resnet50" and data["class_names"][0] == "airplane"
-    assert data["test_time_flip"] is True  # as train.py tested it, by default
+    assert data["test_time_flip"] is True and data["test_time_shift"] == 0  # as train.py tested it, by default
 
     single_view = run_script("evaluate.py", best_checkpoint, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
-                             "--test-time-flip", "false", "--json", report)
+                             "--test-time-flip", "false", "--test-time-shift", "1", "--json", report)
     assert single_view.returncode == 0, single_view.stderr[-3000:]
     data = json.loads(report.read_text())
-    assert data["test_time_flip"] is False and np.array(data["confusion_matrix"]).sum() == 30
+    assert data["test_time_flip"] is False and data["test_time_shift"] == 1 and np.array(data["confusion_matrix"]).sum() == 30
 
 
 @pytest.fixture
