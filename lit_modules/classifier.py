@@ -122,9 +122,9 @@ class LitClassifier(pl.LightningModule):
         """The views of a normalised batch that the test stage averages over.
 
         The batch itself; with ``test_time_shift = s`` four copies shifted by ``s``
-        pixels (content moves right, left, down, up; the uncovered border is zero,
-        the mean colour after normalisation), a subset of the windows the
-        training's padded random crop already shows the network; with
+        pixels (content moves right, left, down, up), windows like those of the
+        training's padded random crop except that the uncovered border is zero
+        after normalisation, the mean colour, where the crop pads with black; with
         ``test_time_flip`` the left-right mirror of each of those.
         """
         views = [images]
@@ -143,18 +143,16 @@ class LitClassifier(pl.LightningModule):
         of the softmax over the views of :meth:`test_views`.
 
         Left-right mirroring and small shifts are augmentations the training also
-        applies, so these views are as familiar to the network as the original.
-        All views go through one forward pass of a batch that many times larger.
+        applies, so these views are familiar to the network. All views go through
+        one forward pass of a batch that many times larger (``torch.cat`` keeps a
+        channels-last batch channels-last).
         The result is a log-probability, so ``argmax`` and cross-entropy read it
         like any logits.
         """
         views = self.test_views(images)
         if len(views) == 1:
             return self(images)
-        stacked = torch.cat(views)
-        if images.is_contiguous(memory_format=torch.channels_last):
-            stacked = stacked.contiguous(memory_format=torch.channels_last)
-        log_probs = self(stacked).float().log_softmax(dim=1).view(len(views), images.shape[0], -1)
+        log_probs = self(torch.cat(views)).float().log_softmax(dim=1).view(len(views), images.shape[0], -1)
         return log_probs.logsumexp(dim=0) - math.log(len(views))
 
     def _shared_step(self, batch: tuple[Tensor, Tensor], stage: str) -> tuple[Tensor, Tensor]:
