@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from datamodules.transforms import normalize
 from lit_modules import visuals
 from models import InputResize, get_model
 
@@ -122,16 +123,21 @@ class LitClassifier(pl.LightningModule):
         """The views of a normalised batch that the test stage averages over.
 
         The batch itself; with ``test_time_shift = s`` four copies shifted by ``s``
-        pixels (content moves right, left, down, up), windows like those of the
-        training's padded random crop except that the uncovered border is zero
-        after normalisation, the mean colour, where the crop pads with black; with
-        ``test_time_flip`` the left-right mirror of each of those.
+        pixels (content moves right, left, down, up), the uncovered border black,
+        exactly the windows the training's black-padded random crop can produce;
+        with ``test_time_flip`` the left-right mirror of each of those.
         """
         views = [images]
         shift = self.hparams.test_time_shift
         if shift:
             height, width = images.shape[-2:]
+            black = normalize(torch.zeros(1, images.shape[1], 1, 1, dtype=torch.uint8, device=images.device))
             padded = F.pad(images, (shift, shift, shift, shift))
+            black = black.to(padded.dtype)
+            padded[..., :shift, :] = black
+            padded[..., -shift:, :] = black
+            padded[..., :, :shift] = black
+            padded[..., :, -shift:] = black
             for dy, dx in ((0, -shift), (0, shift), (-shift, 0), (shift, 0)):
                 views.append(padded[..., shift + dy:shift + dy + height, shift + dx:shift + dx + width])
         if self.hparams.test_time_flip:

@@ -2,7 +2,7 @@ import pytorch_lightning as pl
 import pytest
 import torch
 
-from datamodules import CIFAR10DataModule
+from datamodules import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, normalize
 from lit_modules import LitClassifier
 from lit_modules.classifier import split_decay_groups
 
@@ -81,18 +81,22 @@ def test_test_time_flip_averages_the_probabilities_of_image_and_mirror():
     torch.testing.assert_close(single, plain)
 
 
+NORMALISED_BLACK = torch.tensor([-m / s for m, s in zip(CIFAR10_MEAN, CIFAR10_STD)]).view(1, 3, 1, 1)
+
+
 def _shifted(images, dy, dx):
-    """``images`` moved ``dy`` pixels down and ``dx`` right, the uncovered border zero."""
+    """``images`` moved ``dy`` pixels down and ``dx`` right, the uncovered border black (as the training crop pads)."""
     moved = torch.roll(images, shifts=(dy, dx), dims=(-2, -1))
+    border = torch.zeros_like(images, dtype=torch.bool)
     if dy > 0:
-        moved[..., :dy, :] = 0
+        border[..., :dy, :] = True
     elif dy < 0:
-        moved[..., dy:, :] = 0
+        border[..., dy:, :] = True
     if dx > 0:
-        moved[..., :, :dx] = 0
+        border[..., :, :dx] = True
     elif dx < 0:
-        moved[..., :, dx:] = 0
-    return moved
+        border[..., :, dx:] = True
+    return torch.where(border, NORMALISED_BLACK.expand_as(images), moved)
 
 
 def test_test_time_shift_averages_ten_shifted_and_mirrored_views():
@@ -111,6 +115,18 @@ def test_test_time_shift_averages_ten_shifted_and_mirrored_views():
     torch.testing.assert_close(averaged, expected, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(unmirrored, expected_unmirrored, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(averaged, unmirrored, atol=1e-4)
+
+
+def test_shifted_views_are_windows_of_the_black_padded_image_as_the_training_crop_takes_them():
+    module = LitClassifier("vgg16", test_time_shift=3, test_time_flip=False)
+    raw = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    padded = torch.nn.functional.pad(raw, (3, 3, 3, 3))  # black, as datamodules.transforms.random_crop pads
+    views = module.test_views(normalize(raw))
+    windows = [padded[..., 3:35, 0:32], padded[..., 3:35, 6:38], padded[..., 0:32, 3:35], padded[..., 6:38, 3:35]]
+    assert len(views) == 5
+    torch.testing.assert_close(views[0], normalize(raw))
+    for view, window in zip(views[1:], windows):
+        torch.testing.assert_close(view, normalize(window))
 
 
 def test_negative_test_time_shift_is_refused():
