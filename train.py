@@ -46,6 +46,14 @@ AUTO_INPUT_SIZE = 48  # for ResNets with the ImageNet stem; see resolve_input_si
 RUN_VERSION_VARIABLE = "TRAIN_PY_RUN_VERSION"  # lets DDP worker processes log to the parent's version_N
 
 
+def cutout_size(text: str) -> int:
+    """``--cutout``: 0 (off) up to the 32-pixel side of a CIFAR-10 image, refused while parsing, before any work."""
+    value = non_negative_int(text)
+    if value > 32:
+        raise argparse.ArgumentTypeError(f"must be at most 32, the side of a CIFAR-10 image, got {text}")
+    return value
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0])
     model = parser.add_argument_group("model")
@@ -70,7 +78,7 @@ def build_parser() -> ArgumentParser:
     data.add_argument("--val-size", type=non_negative_int, default=5000, help="training images held out for validation")
     data.add_argument("--batch-size", type=positive_int, default=128, help="images per batch (per device)")
     data.add_argument("--num-workers", type=non_negative_int, default=0, help="DataLoader workers (data is in memory)")
-    data.add_argument("--cutout", type=non_negative_int, default=0, metavar="N",
+    data.add_argument("--cutout", type=cutout_size, default=0, metavar="N",
                       help="fill one random NxN square of each training image with the mean colour (0: off; at most 32)")
 
     optim = parser.add_argument_group("optimisation")
@@ -105,8 +113,9 @@ def build_parser() -> ArgumentParser:
                             help="test on the mean of each image's and its mirror image's probabilities "
                                  "(validation stays single-view)")
     evaluation.add_argument("--test-time-shift", type=non_negative_int, default=0, metavar="PIXELS",
-                            help="also test on copies shifted by this many pixels left, right, up and down "
-                                 "(and their mirrors): 10 views instead of 2; 0 turns it off")
+                            help="also test on copies shifted by this many pixels left, right, up and down, the "
+                                 "uncovered border black as in the training crops (and their mirrors): "
+                                 "10 views instead of 2; 0 turns it off")
 
     run = parser.add_argument_group("run control")
     run.add_argument("--limit-train-batches", type=int_or_fraction, default=None, help="batches (int) or fraction per epoch")

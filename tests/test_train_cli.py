@@ -124,6 +124,7 @@ def test_a_reader_that_stops_early_ends_the_script_quietly():
         (["--input-size", "0"], "--input-size: must be 'auto' or a positive integer"),
         (["--input-size", "big"], "--input-size: must be 'auto' or a positive integer"),
         (["--cutout", "-1"], "--cutout: must be zero or a positive integer"),
+        (["--cutout", "33"], "--cutout: must be at most 32"),
     ],
 )
 def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
