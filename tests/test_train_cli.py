@@ -144,7 +144,7 @@ def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
         (["--accelerator", "cpu", "--devices", "512"], "this machine has"),
         (["--ckpt-path", "missing.ckpt"], "missing.ckpt: no such file"),
         (["--init-from", "missing.pt"], "missing.pt: no such file"),
-        (["--cutout", "33"], "cutout_size must be between 0 and the image size 32, got 33"),
+        (["--cutout", "33"], "--cutout: must be at most 32, the side of a CIFAR-10 image, got 33"),
     ],
 )
 def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path, image_folder):
