@@ -47,10 +47,12 @@ RUN_VERSION_VARIABLE = "TRAIN_PY_RUN_VERSION"  # lets DDP worker processes log t
 
 
 def cutout_size(text: str) -> int:
-    """``--cutout``: 0 (off) up to the 32-pixel side of a CIFAR-10 image, refused while parsing, before any work."""
+    """``--cutout``: 0 (off) up to the side of a CIFAR-10 image, refused while parsing, before any work."""
+    from datamodules.cifar10 import IMAGE_SIZE  # here, so that --help does not wait for Lightning's import
+
     value = non_negative_int(text)
-    if value > 32:
-        raise argparse.ArgumentTypeError(f"must be at most 32, the side of a CIFAR-10 image, got {text}")
+    if value > IMAGE_SIZE:
+        raise argparse.ArgumentTypeError(f"must be at most {IMAGE_SIZE}, the side of a CIFAR-10 image, got {text}")
     return value
 
 

@@ -131,9 +131,9 @@ class LitClassifier(pl.LightningModule):
         shift = self.hparams.test_time_shift
         if shift:
             height, width = images.shape[-2:]
-            black = normalize(torch.zeros(1, images.shape[1], 1, 1, dtype=torch.uint8, device=images.device))
+            black_pixel = torch.zeros(1, images.shape[1], 1, 1, dtype=torch.uint8, device=images.device)
+            black = normalize(black_pixel).to(images.dtype)
             padded = F.pad(images, (shift, shift, shift, shift))
-            black = black.to(padded.dtype)
             padded[..., :shift, :] = black
             padded[..., -shift:, :] = black
             padded[..., :, :shift] = black
