@@ -126,8 +126,8 @@ def build_parser() -> ArgumentParser:
     run.add_argument("--fast-dev-run", action="store_true", help="one batch of each stage, no logs or checkpoints")
     run.add_argument("--logdir", default="lightning_logs", help="TensorBoard runs go to LOGDIR/version_N")
     run.add_argument("--ckpt-path", default=None,
-                     help="resume from this checkpoint (optimiser, schedule, epoch, same version_N), "
-                          "or 'last' for the newest run's last.ckpt in --logdir")
+                     help="resume from this checkpoint (optimiser, schedule, epoch, same version_N) with its run's "
+                          "recipe and data settings, or 'last' for the newest run's last.ckpt in --logdir")
     run.add_argument("--stop-after-epochs", type=positive_int, default=None,
                      help="stop after this many of the --epochs (schedule unchanged); continue later with --ckpt-path last")
     run.add_argument("--checkpoint-every-n-steps", type=non_negative_int, default=200,
@@ -263,26 +263,79 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def build_module(args, ckpt_path: Path | None):
-    """The LitClassifier to train: rebuilt from the checkpoint when resuming, else from the flags.
+def given_flags(argv: Sequence[str] | None) -> set[str]:
+    """The flags (by ``dest``) written on the command line, as opposed to left at their defaults."""
+    parser = build_parser()
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS  # a flag left out is then absent from the namespace
+    return set(vars(parser.parse_args(argv)))
 
-    Also settles ``args.epochs``: a resumed run keeps the epoch count its schedule was planned for.
+
+# Flags a checkpoint's hyperparameters record under the same name.
+RESUMED_HPARAMS = ("optimizer", "lr", "momentum", "weight_decay", "label_smoothing", "scheduler", "warmup_fraction",
+                   "channels_last", "test_time_flip", "test_time_shift")
+# Flags the data module's checkpoint state records: flag dest -> its key there.
+RESUMED_DATA_SETTINGS = {"batch_size": "batch_size", "val_size": "val_size", "seed": "seed", "cutout": "cutout_size"}
+
+
+def run_settings(checkpoint: dict) -> dict:
+    """The flag values (by ``dest``) of the run a checkpoint belongs to, as far as the checkpoint records them.
+
+    ``input_size`` is made concrete: a run that fed 32x32 images records ``None``.
     """
-    from lit_modules import LitClassifier
-    from lit_modules.checkpointing import classifier_from_hparams, init_weights, read_lightning_checkpoint
+    from datamodules.cifar10 import IMAGE_SIZE
 
-    if ckpt_path is not None:
-        resumed = read_lightning_checkpoint(ckpt_path)
-        module = classifier_from_hparams(resumed["hyper_parameters"])
-        planned = resumed.get("planned_epochs")
-        if args.epochs is None:
-            args.epochs = planned or DEFAULT_EPOCHS
-        elif planned and args.epochs != planned and module.hparams.scheduler != "none":
-            raise UserError(
-                f"{ckpt_path} belongs to a run planned for {planned} epochs, whose learning-rate schedule ends there; "
-                f"resume with --epochs {planned} (or leave --epochs out), or start a new run with --init-from"
-            )
-        return module
+    hparams = checkpoint["hyper_parameters"]
+    settings = {"model": hparams["model_name"]}
+    settings.update((key, value) for key, value in (hparams.get("model_options") or {}).items()
+                    if key in ("stem", "zero_init_residual"))
+    settings.update((key, hparams[key]) for key in RESUMED_HPARAMS if key in hparams)
+    if "input_size" in hparams:
+        settings["input_size"] = hparams["input_size"] or IMAGE_SIZE
+    data_state = checkpoint.get("CIFAR10DataModule") or {}
+    settings.update((dest, data_state[key]) for dest, key in RESUMED_DATA_SETTINGS.items() if key in data_state)
+    return settings
+
+
+def adopt_run_settings(args, given: set[str], checkpoint: dict, ckpt_path: Path) -> None:
+    """A resumed run keeps the recipe, data settings and epoch count it started with.
+
+    Flags left out take the run's values (a run started with ``--val-size 0``
+    must not be resumed on a 45,000-image split); a flag given with another value
+    than the run's is refused rather than silently ignored.
+    """
+    from datamodules.cifar10 import IMAGE_SIZE
+
+    conflicts = []
+    for dest, value in run_settings(checkpoint).items():  # model and stem come before input_size
+        given_value = getattr(args, dest)
+        if dest == "input_size" and given_value == "auto":
+            given_value = resolve_input_size(args) or IMAGE_SIZE
+        if dest in given and given_value != value:
+            conflicts.append(f"--{dest.replace('_', '-')} {value}, not {given_value}")
+        setattr(args, dest, value)
+    if conflicts:
+        raise UserError(
+            f"{ckpt_path} belongs to a run with {'; '.join(conflicts)}; "
+            "leave those flags out to resume it, or start a new run with --init-from"
+        )
+    planned = checkpoint.get("planned_epochs")
+    if args.epochs is None:
+        args.epochs = planned or DEFAULT_EPOCHS
+    elif planned and args.epochs != planned and args.scheduler != "none":
+        raise UserError(
+            f"{ckpt_path} belongs to a run planned for {planned} epochs, whose learning-rate schedule ends there; "
+            f"resume with --epochs {planned} (or leave --epochs out), or start a new run with --init-from"
+        )
+
+
+def build_module(args, resumed: dict | None):
+    """The LitClassifier to train: rebuilt from the checkpoint ``resumed`` when given, else from the flags."""
+    from lit_modules import LitClassifier
+    from lit_modules.checkpointing import classifier_from_hparams, init_weights
+
+    if resumed is not None:
+        return classifier_from_hparams(resumed["hyper_parameters"])
     args.epochs = args.epochs or DEFAULT_EPOCHS
     module = LitClassifier(
         model_name=args.model,
@@ -356,11 +409,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logdir = Path(args.logdir)
     devices = parse_devices(args.devices, args.accelerator)
-    ckpt_path = None
+    ckpt_path = resumed = None
     if args.ckpt_path is not None:
         if args.init_from:
             raise UserError("--ckpt-path resumes a run and --init-from starts a new one; give only one")
+        from lit_modules.checkpointing import read_lightning_checkpoint
+
         ckpt_path = find_last_checkpoint(logdir) if args.ckpt_path == "last" else Path(args.ckpt_path)
+        resumed = read_lightning_checkpoint(ckpt_path)
+        adopt_run_settings(args, given_flags(argv), resumed, ckpt_path)
 
     import pytorch_lightning as pl
     from lightning_fabric.utilities.exceptions import MisconfigurationException
@@ -374,7 +431,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_devices(args.accelerator, devices)
     pl.seed_everything(args.seed, workers=True, verbose=False)
     precision = resolve_precision(args.precision, args.accelerator)
-    module = build_module(args, ckpt_path)
+    module = build_module(args, resumed)
     if args.compile:
         module.model.compile()
 

@@ -283,7 +283,9 @@ class CIFAR10DataModule(pl.LightningDataModule):
         channels_last: hand batches over in channels-last memory format.
         cutout_size: side of the square that training augmentation fills with the
             mean colour (:func:`~datamodules.transforms.cutout`); 0 leaves it out.
-            A resumed run keeps the size saved in its checkpoint.
+            A resumed run keeps the size saved in its checkpoint (``state_dict`` also
+            records ``batch_size``, ``val_size`` and ``seed``, which train.py keeps
+            on resume).
     """
 
     def __init__(
@@ -358,8 +360,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
             return {}
         # Part-way through an epoch its pass is unfinished: a resumed run replays that pass (and skips what was done).
         batches_done = self.train_batches_done()
+        # The settings that shape the training batches go along, so that train.py resumes with the same ones.
         return {"sampler_passes": self.train_sampler.passes - (1 if batches_done else 0), "batches_done": batches_done,
-                "cutout_size": self.cutout_size}
+                "cutout_size": self.cutout_size, "batch_size": self.batch_size, "val_size": self.val_size,
+                "seed": self.seed}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:

@@ -140,7 +140,11 @@ KILL_RUNNER = textwrap.dedent(
 
 
 def test_hard_kill_mid_epoch_resumes_to_the_uninterrupted_result(deterministic_run, image_folder, tmp_path):
-    """Killed (SIGKILL) in the middle of epoch 2, resumed from the periodic checkpoint: same weights, same test line."""
+    """Killed (SIGKILL) in the middle of epoch 2, resumed from the periodic checkpoint: same weights, same test line.
+
+    The resume names only where things are and how to run, not the recipe: model, epochs, seed, batch size and
+    validation split come from the checkpoint.
+    """
     reference_weights, _, reference_line = deterministic_run
     logdir = tmp_path / "logs"
     common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *DETERMINISTIC_RUN]
@@ -154,13 +158,28 @@ def test_hard_kill_mid_epoch_resumes_to_the_uninterrupted_result(deterministic_r
     assert (saved["global_step"], saved["epoch"]) == (4, 1)  # one of epoch 2's three batches done
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches_done": 1}]
 
-    resumed = run_script("train.py", *common, "--ckpt-path", "last")
+    location = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir]
+    resumed = run_script("train.py", *location, "--deterministic", "--log-every-n-steps", "1", "--progress-refresh", "0",
+                         "--accelerator", "cpu", "--ckpt-path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "not resumable" not in resumed.stderr
     final = torch.load(last, map_location="cpu", weights_only=True)
     assert final["global_step"] == 6
     assert all(torch.equal(final["state_dict"][key], reference_weights[key]) for key in reference_weights)
     assert resumed.stdout.strip().splitlines()[-1] == reference_line
+
+
+def test_resume_refuses_flags_that_differ_from_the_run(trained_run, image_folder, tmp_path):
+    """Recipe and data flags that contradict the checkpoint's run are refused, all named at once; nothing is written."""
+    run_dir, _ = trained_run
+    last = run_dir / "checkpoints" / "last.ckpt"
+    before = hashlib.sha256(last.read_bytes()).hexdigest(), sorted(p.name for p in run_dir.parent.iterdir())
+    result = run_script("train.py", "--ckpt-path", last, "--data-dir", image_folder, "--logdir", run_dir.parent,
+                        "--lr", "0.05", "--val-size", "10", "--input-size", "32", "--seed", "7", "--batch-size", "16")
+    assert_one_line_error(result, str(last), "--lr 0.1, not 0.05", "--val-size 20, not 10", "--input-size 48, not 32",
+                          "leave those flags out")
+    assert "--seed" not in result.stderr and "--batch-size" not in result.stderr  # given as the run had them
+    assert (hashlib.sha256(last.read_bytes()).hexdigest(), sorted(p.name for p in run_dir.parent.iterdir())) == before
 
 
 def test_periodic_checkpoint_saves_every_n_steps(image_folder, tmp_path):
