@@ -3,12 +3,15 @@
     python bench/plot_results.py lightning_logs/version_0 lightning_logs/version_1 --out docs/val_acc_vs_time.png
 
 Time runs from each run's start (run_info.json), so data loading and set-up
-count. A resumed run's pause is left out: only time spent running is drawn.
+count; a star marks the test accuracy where the whole train.py run ended. Each
+label carries the run's date, since the same CPU has run at different speeds
+on different days.
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -30,25 +33,38 @@ def main() -> None:
 
     figure, axes = plt.subplots(figsize=(8, 5))
     # The default cycle repeats after 10 colours; 20 distinct ones, and dashes for VGG-16, keep every curve apart.
-    colours = plt.get_cmap("tab20").colors
+    # tab20 comes in dark/light pairs of one hue: the 10 dark ones first, so that neighbouring runs differ in hue.
+    colours = plt.get_cmap("tab20").colors[0::2] + plt.get_cmap("tab20").colors[1::2]
+    drawn = 0
     for index, run_dir in enumerate(args.runs):
-        summary = run_summary(run_dir)
         points = scalars(run_dir).get("val/acc", [])
-        if not points:
+        if not points:  # not a run folder, or a run without validation (--val-size 0)
+            print(f"plot_results.py: skipped {run_dir}: no val/acc in its TensorBoard events", file=sys.stderr)
             continue
+        summary = run_summary(run_dir)
+        drawn += 1
         start = points[0][0]
         if summary["started"]:
             start = datetime.strptime(summary["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
         minutes = [(wall - start) / 60 for wall, _, _ in points]
         is_vgg = summary["model"] == "vgg16"
         network = "vgg16" if is_vgg else f"{summary['model']} ({summary['stem']} stem)"
-        label = f"{network}, {summary['input_size']} px, {summary['epochs']} epochs, lr {summary['lr']} - {summary['run']}"
+        day = summary["started"][:10] if summary["started"] else "date unknown"
+        label = (f"{network}, {summary['input_size']} px, {summary['epochs']} epochs, lr {summary['lr']}"
+                 f" - {summary['run']}, {day}")
+        colour = colours[index % len(colours)]
         axes.plot(minutes, [100 * value for _, _, value in points], marker="o", markersize=3, label=label,
-                  color=colours[index % len(colours)], linestyle="--" if is_vgg else "-")
+                  color=colour, linestyle="--" if is_vgg else "-")
+        if summary["test_acc"] is not None and summary["wall_minutes"] is not None:
+            axes.plot([summary["wall_minutes"]], [100 * summary["test_acc"]], marker="*", markersize=11, color=colour,
+                      linestyle="none")
+    if not drawn:
+        sys.exit(f"plot_results.py: none of {len(args.runs)} folder(s) holds a val/acc curve; "
+                 "give lightning_logs/version_N folders of runs with validation")
     for level in (80, 85, 90):
         axes.axhline(level, color="grey", linewidth=0.5, linestyle="--")
     axes.set_xlabel("wall time since start (minutes)")
-    axes.set_ylabel("validation accuracy (%)")
+    axes.set_ylabel("validation accuracy (%); star: test accuracy at the run's end")
     axes.set_title(args.title, fontsize=10)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")

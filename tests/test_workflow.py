@@ -232,3 +232,18 @@ def test_tensorboard_gets_images_text_per_class_scalars_and_hparams(trained_run)
     tags = scalar_tags(run_dir)
     assert len(tags["val/acc_class/cat"]) == 2 and "test/acc_class/truck" in tags
     assert tags["hp/test_acc"] == tags["test/acc"]
+
+
+def test_plot_results_draws_runs_into_a_png_and_refuses_folders_without_curves(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    out = tmp_path / "plots" / "curves.png"
+    drawn = run_script("bench/plot_results.py", run_dir, tmp_path, "--out", out)
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    assert f"skipped {tmp_path}: no val/acc" in drawn.stderr
+    image = Image.open(out)
+    assert image.format == "PNG" and image.size == (880, 550)
+    assert len(set(image.convert("RGB").getdata())) > 20  # axes, curve and legend, not a blank canvas
+
+    nothing = run_script("bench/plot_results.py", tmp_path, "--out", tmp_path / "empty.png")
+    assert nothing.returncode == 1 and "none of 1 folder(s) holds a val/acc curve" in nothing.stderr
+    assert not (tmp_path / "empty.png").exists()
