@@ -4,7 +4,8 @@
     tensorboard --logdir lightning_logs
 
 Each run writes ``LOGDIR/version_N/``: TensorBoard events, ``hparams.yaml``,
-``run_info.json`` (command line, seed, library versions, status) and
+``run_info.json`` (command line, seed, library versions, status, and each
+launch of a resumed run with its own command, start and end) and
 ``checkpoints/`` (the best by ``val/acc`` and ``last.ckpt``). After training,
 the best checkpoint is tested and the script ends with ``Test accuracy: NN.NN %``.
 """
@@ -401,6 +402,24 @@ def build_callbacks(args, checkpoint_dir: Path, has_validation: bool):
     return callbacks, best_checkpoint
 
 
+def read_run_info(path: Path) -> dict:
+    """A run folder's ``run_info.json``; empty when it is missing or unreadable (the resume goes on)."""
+    import json
+
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def launch_history(run_info: dict) -> list[dict]:
+    """The launches (command, start, end, status) a run folder records; one for a record without that list."""
+    if "launches" in run_info:
+        return list(run_info["launches"])
+    fields = ("command", "started", "ended", "status", "precision", "resumed_from")
+    return [{key: run_info[key] for key in fields if key in run_info}] if run_info.get("started") else []
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
@@ -480,18 +499,33 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(str(error).strip().splitlines()[0]) from None
 
     keeps_records = trainer.is_global_zero and not args.fast_dev_run
-    run_info = {
+    run_info_path = run_dir / "run_info.json"
+    launch = {
         "command": shlex.join(["python", sys.argv[0], *(sys.argv[1:] if argv is None else argv)]),
+        "started": now(),
+        "precision": precision,
+        "resumed_from": str(ckpt_path) if ckpt_path else None,
+    }
+    earlier = read_run_info(run_info_path) if ckpt_path and keeps_records else {}
+    run_info = {
+        "command": earlier.get("command", launch["command"]),  # the run's first command line
         "seed": args.seed,
         "deterministic": args.deterministic,
         "precision": precision,
-        "resumed_from": str(ckpt_path) if ckpt_path else None,
+        "resumed_from": launch["resumed_from"],
         "versions": library_versions(),
         "status": "running",
-        "started": now(),
+        "started": earlier.get("started", launch["started"]),
+        "launches": [*launch_history(earlier), launch],
     }
+
+    def record(status: str, **results) -> None:
+        ended = now()
+        launches = [*run_info["launches"][:-1], {**launch, "status": status, "ended": ended}]
+        write_json_atomic(run_info_path, {**run_info, **results, "status": status, "ended": ended, "launches": launches})
+
     if keeps_records:
-        write_json_atomic(run_dir / "run_info.json", run_info)
+        write_json_atomic(run_info_path, run_info)
 
     # Our checkpoints hold only tensors and plain types; newer Lightning can load them without unpickling code.
     safe_load = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
@@ -504,7 +538,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         by_sigterm = trainer.received_sigterm
         if keeps_records:
-            write_json_atomic(run_dir / "run_info.json", {**run_info, "status": "interrupted", "ended": now()})
+            record("interrupted")
             cause = "stopped by SIGTERM" if by_sigterm else "interrupted"
             print(f"train.py: {cause}; resume with --ckpt-path {checkpoint_dir / 'last.ckpt'}", file=sys.stderr)
         return 143 if by_sigterm else 130
@@ -518,10 +552,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             metrics["hp/best_val_acc"] = float(best_checkpoint.best_model_score)
         logger.log_hyperparams(module.hparams, metrics)
         logger.finalize("success")
-        write_json_atomic(run_dir / "run_info.json", {
-            **run_info, "status": "finished", "ended": now(), "test_acc": test_accuracy,
-            "best_checkpoint": best, "epochs": trainer.current_epoch,
-        })
+        record("finished", test_acc=test_accuracy, best_checkpoint=best, epochs=trainer.current_epoch)
     if trainer.is_global_zero:
         if best:
             print(f"Checkpoint tested: {best}")

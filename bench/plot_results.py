@@ -3,7 +3,7 @@
     python bench/plot_results.py lightning_logs/version_0 lightning_logs/version_1 --out docs/val_acc_vs_time.png
 
 Time runs from each run's start (run_info.json), so data loading and set-up
-count; a star marks the test accuracy where the whole train.py run ended. Each
+count; a resumed run's pauses between launches do not. A star marks the test accuracy where the whole train.py run ended. Each
 label carries the run's date, since the same CPU has run at different speeds
 on different days.
 """
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from datetime import datetime
 from pathlib import Path
 
 import _path  # noqa: F401  (puts the project root on sys.path)
@@ -21,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.runs import run_summary, scalars  # noqa: E402
+from bench.runs import run_summary, running_minutes, scalars  # noqa: E402
 
 
 def main() -> None:
@@ -43,10 +42,8 @@ def main() -> None:
             continue
         summary = run_summary(run_dir)
         drawn += 1
-        start = points[0][0]
-        if summary["started"]:
-            start = datetime.strptime(summary["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
-        minutes = [(wall - start) / 60 for wall, _, _ in points]
+        spans = summary["spans"] or [(points[0][0], float("inf"))]  # no run_info.json: time from the first point
+        minutes = [running_minutes(spans, wall) for wall, _, _ in points]
         is_vgg = summary["model"] == "vgg16"
         network = "vgg16" if is_vgg else f"{summary['model']} ({summary['stem']} stem)"
         day = summary["started"][:10] if summary["started"] else "date unknown"

@@ -22,8 +22,41 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[float, int, float]]]:
     return {tag: sorted(points) for tag, points in series.items()}
 
 
+TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
+
+
+def timestamp(text: str | None) -> float | None:
+    return datetime.strptime(text, TIME_FORMAT).timestamp() if text else None
+
+
+def running_spans(info: dict, series: dict[str, list[tuple[float, int, float]]]) -> list[tuple[float, float]]:
+    """(start, end) timestamps of each launch of a run: a resumed run's pauses are not running time.
+
+    A launch with no recorded end (killed hard) ends at its last TensorBoard event.
+    """
+    launches = info.get("launches") or ([info] if info.get("started") else [])
+    event_times = sorted(wall for points in series.values() for wall, _, _ in points)
+    spans = []
+    for index, launch in enumerate(launches):
+        start = timestamp(launch.get("started"))
+        if start is None:
+            continue
+        end = timestamp(launch.get("ended"))
+        if end is None:
+            following = timestamp(launches[index + 1].get("started")) if index + 1 < len(launches) else float("inf")
+            during = [wall for wall in event_times if start <= wall < following]
+            end = during[-1] if during else start
+        spans.append((start, end))
+    return spans
+
+
+def running_minutes(spans: list[tuple[float, float]], wall: float) -> float:
+    """Minutes of running time from the run's start up to the timestamp ``wall``."""
+    return sum(max(0.0, min(wall, end) - start) for start, end in spans) / 60
+
+
 def run_summary(run_dir: Path) -> dict:
-    """Model, epochs, wall time, best val/acc, test/acc and command of one run folder."""
+    """Model, epochs, running time (without a resumed run's pauses), best val/acc, test/acc and command of one run folder."""
     run_dir = Path(run_dir)
     info = json.loads((run_dir / "run_info.json").read_text()) if (run_dir / "run_info.json").is_file() else {}
     hparams_file = run_dir / "hparams.yaml"
@@ -35,12 +68,8 @@ def run_summary(run_dir: Path) -> dict:
     series = scalars(run_dir)
     val = [value for _, _, value in series.get("val/acc", [])]
     test = [value for _, _, value in series.get("test/acc", [])]
-    started = info.get("started")
-    ended = info.get("ended")
-    wall_minutes = None
-    if started and ended:
-        fmt = "%Y-%m-%dT%H:%M:%S%z"
-        wall_minutes = (datetime.strptime(ended, fmt) - datetime.strptime(started, fmt)).total_seconds() / 60
+    spans = running_spans(info, series)
+    wall_minutes = sum(end - start for start, end in spans) / 60 if spans else None
     epoch_seconds = [value for _, _, value in series.get("perf/epoch_seconds", [])]
     return {
         "run": f"{run_dir.parent.name}/{run_dir.name}",
@@ -57,5 +86,6 @@ def run_summary(run_dir: Path) -> dict:
         "test_acc": test[-1] if test else info.get("test_acc"),
         "status": info.get("status"),
         "command": info.get("command"),
-        "started": started,
+        "started": info.get("started"),
+        "spans": spans,
     }

@@ -42,6 +42,16 @@ def test_resume_continues_the_same_run_and_matches_an_uninterrupted_one(image_fo
     other_plan = run_script("train.py", *common, "--logdir", tmp_path / "split", "--ckpt-path", "last", "--epochs", "5")
     assert_one_line_error(other_plan, "planned for 3 epochs", "--epochs 3")
 
+    # run_info.json keeps the first command line and records each launch; the pause between them is not running time.
+    from bench.runs import run_summary, timestamp
+
+    info = json.loads((tmp_path / "split" / "version_0" / "run_info.json").read_text())
+    assert "--stop-after-epochs 2" in info["command"] and info["status"] == "finished" and info["epochs"] == 3
+    assert [("--ckpt-path last" in launch["command"], launch["status"]) for launch in info["launches"]] == [
+        (False, "finished"), (True, "finished")]
+    durations = [timestamp(launch["ended"]) - timestamp(launch["started"]) for launch in info["launches"]]
+    assert run_summary(tmp_path / "split" / "version_0")["wall_minutes"] == pytest.approx(sum(durations) / 60)
+
 
 def save_state_dict_variants(best_checkpoint, tmp_path):
     from lit_modules.checkpointing import extract_model_weights, read_checkpoint
