@@ -1,4 +1,4 @@
-"""What the command-line scripts share: one-line errors with exit code 2, and the precision choice."""
+"""What the command-line scripts share: one-line errors with exit code 2, the precision choice, and run records."""
 
 from __future__ import annotations
 
@@ -128,6 +128,17 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         prog = Path(sys.argv[0]).name or "cli"
         print(f"{prog}: error: {error}", file=sys.stderr)
         return EXIT_USAGE
+
+
+RUN_INFO_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # the times in run_info.json
+
+
+def launch_history(run_info: dict) -> list[dict]:
+    """The launches (command, start, end, status) a run_info.json records; one for a record without that list."""
+    if "launches" in run_info:
+        return list(run_info["launches"])
+    fields = ("command", "started", "ended", "status", "precision", "resumed_from")
+    return [{key: run_info[key] for key in fields if key in run_info}] if run_info.get("started") else []
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -25,10 +25,12 @@ from pathlib import Path
 from typing import Sequence
 
 from cli import (
+    RUN_INFO_TIME_FORMAT,
     ArgumentParser,
     UserError,
     fraction,
     int_or_fraction,
+    launch_history,
     non_negative_float,
     non_negative_int,
     positive_float,
@@ -412,16 +414,8 @@ def read_run_info(path: Path) -> dict:
         return {}
 
 
-def launch_history(run_info: dict) -> list[dict]:
-    """The launches (command, start, end, status) a run folder records; one for a record without that list."""
-    if "launches" in run_info:
-        return list(run_info["launches"])
-    fields = ("command", "started", "ended", "status", "precision", "resumed_from")
-    return [{key: run_info[key] for key in fields if key in run_info}] if run_info.get("started") else []
-
-
 def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    return time.strftime(RUN_INFO_TIME_FORMAT)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

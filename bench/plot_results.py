@@ -3,9 +3,9 @@
     python bench/plot_results.py lightning_logs/version_0 lightning_logs/version_1 --out docs/val_acc_vs_time.png
 
 Time runs from each run's start (run_info.json), so data loading and set-up
-count; a resumed run's pauses between launches do not. A star marks the test accuracy where the whole train.py run ended. Each
-label carries the run's date, since the same CPU has run at different speeds
-on different days.
+count; a resumed run's pauses between launches do not. A star marks the test
+accuracy where the whole train.py run ended. Each label carries the run's date,
+since the same CPU has run at different speeds on different days.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.runs import run_summary, running_minutes, scalars  # noqa: E402
+from bench.runs import run_summary, running_minutes  # noqa: E402
 
 
 def main() -> None:
@@ -36,11 +36,11 @@ def main() -> None:
     colours = plt.get_cmap("tab20").colors[0::2] + plt.get_cmap("tab20").colors[1::2]
     drawn = 0
     for index, run_dir in enumerate(args.runs):
-        points = scalars(run_dir).get("val/acc", [])
+        summary = run_summary(run_dir)
+        points = summary["val_acc_points"]
         if not points:  # not a run folder, or a run without validation (--val-size 0)
             print(f"plot_results.py: skipped {run_dir}: no val/acc in its TensorBoard events", file=sys.stderr)
             continue
-        summary = run_summary(run_dir)
         drawn += 1
         spans = summary["spans"] or [(points[0][0], float("inf"))]  # no run_info.json: time from the first point
         minutes = [running_minutes(spans, wall) for wall, _, _ in points]

@@ -6,6 +6,7 @@ import json
 from datetime import datetime
 from pathlib import Path
 
+from cli import RUN_INFO_TIME_FORMAT, launch_history
 from datamodules.cifar10 import IMAGE_SIZE
 
 
@@ -22,11 +23,8 @@ def scalars(run_dir: Path) -> dict[str, list[tuple[float, int, float]]]:
     return {tag: sorted(points) for tag, points in series.items()}
 
 
-TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"
-
-
 def timestamp(text: str | None) -> float | None:
-    return datetime.strptime(text, TIME_FORMAT).timestamp() if text else None
+    return datetime.strptime(text, RUN_INFO_TIME_FORMAT).timestamp() if text else None
 
 
 def running_spans(info: dict, series: dict[str, list[tuple[float, int, float]]]) -> list[tuple[float, float]]:
@@ -34,7 +32,7 @@ def running_spans(info: dict, series: dict[str, list[tuple[float, int, float]]])
 
     A launch with no recorded end (killed hard) ends at its last TensorBoard event.
     """
-    launches = info.get("launches") or ([info] if info.get("started") else [])
+    launches = launch_history(info)
     event_times = sorted(wall for points in series.values() for wall, _, _ in points)
     spans = []
     for index, launch in enumerate(launches):
@@ -88,4 +86,5 @@ def run_summary(run_dir: Path) -> dict:
         "command": info.get("command"),
         "started": info.get("started"),
         "spans": spans,
+        "val_acc_points": series.get("val/acc", []),
     }
