@@ -297,6 +297,8 @@ def run_settings(checkpoint: dict) -> dict:
         settings["input_size"] = hparams["input_size"] or IMAGE_SIZE
     data_state = checkpoint.get("CIFAR10DataModule") or {}
     settings.update((dest, data_state[key]) for dest, key in RESUMED_DATA_SETTINGS.items() if key in data_state)
+    if "planned_limit_train_batches" in checkpoint:  # sizes the learning-rate schedule, as the epochs do
+        settings["limit_train_batches"] = checkpoint["planned_limit_train_batches"]
     return settings
 
 

@@ -239,9 +239,11 @@ class LitClassifier(pl.LightningModule):
         self._misclassified = []
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # The schedule's length is fixed by the epochs planned at the start; a resumed run must keep it.
+        # The schedule's length is fixed by the epochs and batches per epoch planned at the start; a resumed run
+        # must keep both.
         if self._trainer is not None:
             checkpoint["planned_epochs"] = self._trainer.max_epochs
+            checkpoint["planned_limit_train_batches"] = self._trainer.limit_train_batches
 
     # ---- optimisation ---------------------------------------------------------------------------
 
