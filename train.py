@@ -517,8 +517,20 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def record(status: str, **results) -> None:
         ended = now()
-        launches = [*run_info["launches"][:-1], {**launch, "status": status, "ended": ended}]
+        this_launch = {**launch, "status": status, "ended": ended, **({"error": results["error"]} if "error" in results else {})}
+        launches = [*run_info["launches"][:-1], this_launch]
         write_json_atomic(run_info_path, {**run_info, **results, "status": status, "ended": ended, "launches": launches})
+
+    def record_failure(error: BaseException | None) -> None:
+        """Mark the run ``failed`` with the error's first line, and say how to resume when training had begun."""
+        if not keeps_records:
+            return
+        line = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else ""
+        record("failed", error=f"{type(error).__name__}: {line}" if error is not None else "exited during training")
+        last = checkpoint_dir / "last.ckpt"
+        if trainer.state.fn == "fit" and trainer.global_step > 0 and last.is_file():
+            print(f"train.py: training failed; last.ckpt holds step {trainer.global_step}; "
+                  f"after fixing the cause, resume with --ckpt-path {last}", file=sys.stderr)
 
     if keeps_records:
         write_json_atomic(run_info_path, run_info)
@@ -531,6 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Ctrl-C ends in Lightning's sys.exit(1), SIGTERM in SIGTERMException or the same exit;
         # either way CheckpointOnInterrupt has saved last.ckpt first.
         if not trainer.interrupted:
+            record_failure(None)
             raise
         by_sigterm = trainer.received_sigterm
         if keeps_records:
@@ -538,9 +551,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             cause = "stopped by SIGTERM" if by_sigterm else "interrupted"
             print(f"train.py: {cause}; resume with --ckpt-path {checkpoint_dir / 'last.ckpt'}", file=sys.stderr)
         return 143 if by_sigterm else 130
+    except Exception as error:
+        record_failure(error)
+        raise
 
     best = best_checkpoint.best_model_path or best_checkpoint.last_model_path if best_checkpoint else ""
-    results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, **safe_load)
+    try:
+        results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, **safe_load)
+    except Exception as error:
+        record_failure(error)
+        raise
     test_accuracy = results[0]["test/acc"]
     if keeps_records:
         metrics = {"hp/test_acc": test_accuracy}

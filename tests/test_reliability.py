@@ -118,22 +118,22 @@ def deterministic_run(image_folder, tmp_path_factory):
     return deterministic_train(image_folder, root / "logs", root / "cache")
 
 
-KILL_RUNNER = textwrap.dedent(
+FAULT_RUNNER = textwrap.dedent(
     """
-    # train.py's main with one more callback that SIGKILLs its own process as the batch after step {step} starts.
+    # train.py's main with one more callback that runs `{fault}` as the batch after step {step} starts.
     import os, signal, sys
     sys.path.insert(0, {root!r})
     import pytorch_lightning as pl
     import train
     from cli import run_main
 
-    class KillAtStep(pl.Callback):
+    class FaultAtStep(pl.Callback):
         def on_train_batch_start(self, trainer, *args):
             if trainer.global_step == {step}:
-                os.kill(os.getpid(), signal.SIGKILL)
+                {fault}
 
     build_callbacks = train.build_callbacks
-    train.build_callbacks = lambda *args: (lambda built: (built[0] + [KillAtStep()], built[1]))(build_callbacks(*args))
+    train.build_callbacks = lambda *args: (lambda built: (built[0] + [FaultAtStep()], built[1]))(build_callbacks(*args))
     sys.exit(run_main(train.main))
     """
 )
@@ -149,7 +149,7 @@ def test_hard_kill_mid_epoch_resumes_to_the_uninterrupted_result(deterministic_r
     logdir = tmp_path / "logs"
     common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *DETERMINISTIC_RUN]
     runner = tmp_path / "killed_train.py"
-    runner.write_text(KILL_RUNNER.format(root=str(ROOT), step=5))
+    runner.write_text(FAULT_RUNNER.format(root=str(ROOT), step=5, fault="os.kill(os.getpid(), signal.SIGKILL)"))
     killed = subprocess.run([sys.executable, str(runner), *map(str, common), "--checkpoint-every-n-steps", "2"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -167,6 +167,38 @@ def test_hard_kill_mid_epoch_resumes_to_the_uninterrupted_result(deterministic_r
     assert final["global_step"] == 6
     assert all(torch.equal(final["state_dict"][key], reference_weights[key]) for key in reference_weights)
     assert resumed.stdout.strip().splitlines()[-1] == reference_line
+
+
+def test_crash_mid_epoch_is_recorded_and_resumes_to_the_planned_epochs(deterministic_run, image_folder, tmp_path):
+    """An exception in epoch 2 saves last.ckpt at the failing step, marks the run failed, and the resume finishes it."""
+    reference_weights, _, reference_line = deterministic_run
+    logdir = tmp_path / "logs"
+    location = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir]
+    runner = tmp_path / "crashing_train.py"
+    runner.write_text(FAULT_RUNNER.format(root=str(ROOT), step=5, fault="raise RuntimeError('disk controller fault')"))
+    crashed = subprocess.run([sys.executable, str(runner), *map(str, location), *DETERMINISTIC_RUN],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert crashed.returncode == 1, crashed.stderr[-3000:]
+    assert "RuntimeError: disk controller fault" in crashed.stderr  # a crash keeps its traceback
+    last = logdir / "version_0" / "checkpoints" / "last.ckpt"
+    assert f"training failed; last.ckpt holds step 5; after fixing the cause, resume with --ckpt-path {last}" in crashed.stderr
+    assert torch.load(last, map_location="cpu", weights_only=True)["global_step"] == 5  # no periodic save at step 5
+    info_path = logdir / "version_0" / "run_info.json"
+    failed = json.loads(info_path.read_text())
+    assert (failed["status"], failed["error"]) == ("failed", "RuntimeError: disk controller fault")
+    assert failed["launches"][0]["status"] == "failed" and failed["launches"][0]["ended"]
+
+    resumed = run_script("train.py", *location, "--deterministic", "--log-every-n-steps", "1", "--progress-refresh", "0",
+                         "--accelerator", "cpu", "--ckpt-path", "last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    final = torch.load(last, map_location="cpu", weights_only=True)
+    assert (final["global_step"], final["epoch"]) == (6, 1)
+    assert all(torch.equal(final["state_dict"][key], reference_weights[key]) for key in reference_weights)
+    assert resumed.stdout.strip().splitlines()[-1] == reference_line
+    finished = json.loads(info_path.read_text())
+    assert finished["status"] == "finished" and "error" not in finished
+    assert [(launch["status"], launch.get("error")) for launch in finished["launches"]] == [
+        ("failed", "RuntimeError: disk controller fault"), ("finished", None)]
 
 
 def test_resume_refuses_flags_that_differ_from_the_run(trained_run, image_folder, tmp_path):
