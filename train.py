@@ -516,17 +516,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
 
     def record(status: str, **results) -> None:
+        """Write the run's outcome; an ``error`` is also kept on this launch, where a later resume still shows it."""
         ended = now()
-        this_launch = {**launch, "status": status, "ended": ended, **({"error": results["error"]} if "error" in results else {})}
-        launches = [*run_info["launches"][:-1], this_launch]
-        write_json_atomic(run_info_path, {**run_info, **results, "status": status, "ended": ended, "launches": launches})
+        outcome = {"status": status, "ended": ended}
+        if "error" in results:
+            outcome["error"] = results["error"]
+        launches = [*run_info["launches"][:-1], {**launch, **outcome}]
+        write_json_atomic(run_info_path, {**run_info, **results, **outcome, "launches": launches})
 
-    def record_failure(error: BaseException | None) -> None:
+    def record_failure(error: BaseException) -> None:
         """Mark the run ``failed`` with the error's first line, and say how to resume when training had begun."""
         if not keeps_records:
             return
-        line = str(error).strip().splitlines()[0] if error is not None and str(error).strip() else ""
-        record("failed", error=f"{type(error).__name__}: {line}" if error is not None else "exited during training")
+        message = str(error).strip()
+        record("failed", error=type(error).__name__ + (f": {message.splitlines()[0]}" if message else ""))
         last = checkpoint_dir / "last.ckpt"
         if trainer.state.fn == "fit" and trainer.global_step > 0 and last.is_file():
             print(f"train.py: training failed; last.ckpt holds step {trainer.global_step}; "
@@ -539,11 +542,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     safe_load = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, **safe_load)
-    except (SystemExit, SIGTERMException):
+    except (SystemExit, SIGTERMException) as stop:
         # Ctrl-C ends in Lightning's sys.exit(1), SIGTERM in SIGTERMException or the same exit;
         # either way CheckpointOnInterrupt has saved last.ckpt first.
         if not trainer.interrupted:
-            record_failure(None)
+            record_failure(stop)
             raise
         by_sigterm = trainer.received_sigterm
         if keeps_records:
