@@ -307,7 +307,9 @@ def adopt_run_settings(args, given: set[str], checkpoint: dict, ckpt_path: Path)
 
     Flags left out take the run's values (a run started with ``--val-size 0``
     must not be resumed on a 45,000-image split); a flag given with another value
-    than the run's is refused rather than silently ignored.
+    than the run's is refused rather than silently ignored. ``--data-dir``,
+    ``--cache-dir`` and ``--logdir`` left out are where the run had them (the
+    logdir is the one the checkpoint lies in), so that ``--ckpt-path`` alone resumes.
     """
     from datamodules.cifar10 import IMAGE_SIZE
 
@@ -324,6 +326,15 @@ def adopt_run_settings(args, given: set[str], checkpoint: dict, ckpt_path: Path)
             f"{ckpt_path} belongs to a run with {'; '.join(conflicts)}; "
             "leave those flags out to resume it, or start a new run with --init-from"
         )
+    # Where the run lives may change (a given flag wins), but left out it is where the run was.
+    data_state = checkpoint.get("CIFAR10DataModule") or {}
+    for dest in ("data_dir", "cache_dir"):
+        if dest not in given and data_state.get(dest):
+            setattr(args, dest, data_state[dest])
+    run_logdir = ckpt_path.resolve().parent.parent.parent
+    if "logdir" not in given and run_version_of(ckpt_path, run_logdir) is not None \
+            and run_logdir != Path(args.logdir).resolve():
+        args.logdir = str(run_logdir)
     planned = checkpoint.get("planned_epochs")
     if args.epochs is None:
         args.epochs = planned or DEFAULT_EPOCHS
@@ -433,6 +444,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ckpt_path = find_last_checkpoint(logdir) if args.ckpt_path == "last" else Path(args.ckpt_path)
         resumed = read_lightning_checkpoint(ckpt_path)
         adopt_run_settings(args, given_flags(argv), resumed, ckpt_path)
+        logdir = Path(args.logdir)
 
     import pytorch_lightning as pl
     from lightning_fabric.utilities.exceptions import MisconfigurationException

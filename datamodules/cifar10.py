@@ -285,7 +285,8 @@ class CIFAR10DataModule(pl.LightningDataModule):
             mean colour (:func:`~datamodules.transforms.cutout`); 0 leaves it out.
             A resumed run keeps the size saved in its checkpoint (``state_dict`` also
             records ``batch_size``, ``val_size`` and ``seed``, which train.py keeps
-            on resume).
+            on resume, and the absolute ``data_dir`` and ``cache_dir``, which it
+            uses when a resume names no other).
     """
 
     def __init__(
@@ -360,10 +361,12 @@ class CIFAR10DataModule(pl.LightningDataModule):
             return {}
         # Part-way through an epoch its pass is unfinished: a resumed run replays that pass (and skips what was done).
         batches_done = self.train_batches_done()
-        # The settings that shape the training batches go along, so that train.py resumes with the same ones.
+        # The settings that shape the training batches go along, so that train.py resumes with the same ones,
+        # and where the data came from, so that a resume needs no --data-dir.
         return {"sampler_passes": self.train_sampler.passes - (1 if batches_done else 0), "batches_done": batches_done,
                 "cutout_size": self.cutout_size, "batch_size": self.batch_size, "val_size": self.val_size,
-                "seed": self.seed}
+                "seed": self.seed, "data_dir": str(self.data_dir.resolve()),
+                "cache_dir": None if self.cache_dir is None else str(Path(self.cache_dir).resolve())}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -188,8 +189,9 @@ def test_crash_mid_epoch_is_recorded_and_resumes_to_the_planned_epochs(determini
     assert (failed["status"], failed["error"]) == ("failed", "RuntimeError: disk controller fault")
     assert failed["launches"][0]["status"] == "failed" and failed["launches"][0]["ended"]
 
-    resumed = run_script("train.py", *location, "--deterministic", "--log-every-n-steps", "1", "--progress-refresh", "0",
-                         "--accelerator", "cpu", "--ckpt-path", "last")
+    # The printed advice as it stands: the data, cache and log folders come from the run, not from flags.
+    resumed = run_script("train.py", "--deterministic", "--log-every-n-steps", "1", "--progress-refresh", "0",
+                         "--accelerator", "cpu", "--ckpt-path", last)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = torch.load(last, map_location="cpu", weights_only=True)
     assert (final["global_step"], final["epoch"]) == (6, 1)
@@ -229,6 +231,23 @@ def test_resume_takes_the_settings_left_out_from_the_checkpoint(tmp_path):
     train.adopt_run_settings(args, train.given_flags(argv), checkpoint, tmp_path / "last.ckpt")
     assert (args.model, args.lr, args.input_size, args.val_size, args.batch_size, args.seed, args.cutout, args.epochs,
             args.limit_train_batches) == ("vgg16", 0.05, 32, 0, 64, 3, 8, 4, 30)
+
+
+def test_resume_finds_the_data_and_logs_where_the_run_had_them_unless_told_otherwise(tmp_path):
+    import train
+
+    last = tmp_path / "runs" / "version_7" / "checkpoints" / "last.ckpt"
+    checkpoint = {"hyper_parameters": {"model_name": "vgg16"},
+                  "CIFAR10DataModule": {"data_dir": "/data/cifar", "cache_dir": "/scratch/cache"}}
+    argv = ["--ckpt-path", str(last)]
+    args = train.build_parser().parse_args(argv)
+    train.adopt_run_settings(args, train.given_flags(argv), checkpoint, last)
+    assert (args.data_dir, args.cache_dir, Path(args.logdir)) == ("/data/cifar", "/scratch/cache", tmp_path / "runs")
+
+    argv += ["--data-dir", "moved/cifar", "--logdir", "elsewhere"]  # the data moved; a new log folder starts a new run
+    args = train.build_parser().parse_args(argv)
+    train.adopt_run_settings(args, train.given_flags(argv), checkpoint, last)
+    assert (args.data_dir, args.cache_dir, args.logdir) == ("moved/cifar", "/scratch/cache", "elsewhere")
 
 
 def test_periodic_checkpoint_saves_every_n_steps(image_folder, tmp_path):
