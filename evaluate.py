@@ -1,6 +1,9 @@
 """Test a checkpoint on the CIFAR-10 test set without training.
 
-    python evaluate.py lightning_logs/version_0/checkpoints/last.ckpt --data-dir ../shared/data/cifar10-jpeg
+    python evaluate.py lightning_logs/version_0/checkpoints/last.ckpt
+
+Without ``--data-dir`` the test images come from the folder the run trained on
+(recorded in its checkpoint), else from ``./data``.
 
 Prints the overall accuracy, the accuracy of each class and the confusion
 matrix (rows: true class, columns: predicted); ``--json PATH`` writes them too.
@@ -22,8 +25,9 @@ from cli import ArgumentParser, non_negative_int, positive_int, run_main, str_to
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a .ckpt written by train.py")
-    parser.add_argument("--data-dir", default="./data", help="image folder or official CIFAR-10 folder (as in train.py)")
-    parser.add_argument("--cache-dir", default=None, help="decoded-image cache (as in train.py)")
+    parser.add_argument("--data-dir", default=None,
+                        help="image folder or official CIFAR-10 folder (as in train.py; default: the run's own, else ./data)")
+    parser.add_argument("--cache-dir", default=None, help="decoded-image cache (as in train.py; default: the run's own)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="images per batch")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     parser.add_argument("--test-time-flip", type=str_to_bool, default=None, metavar="BOOL",
@@ -85,21 +89,41 @@ def format_report(accuracy: float, class_names: list[str], per_class: list[float
     return "\n".join(lines)
 
 
+def data_location(args, checkpoint: dict) -> tuple[str, str]:
+    """(data_dir, cache_dir): the flags where given, else where the run had them, else ./data and the default cache.
+
+    A recorded folder that is gone is refused: the official-download branch would
+    otherwise try to fetch CIFAR-10 into it.
+    """
+    from cli import UserError
+    from datamodules.cifar10 import default_cache_dir
+
+    recorded = checkpoint.get("CIFAR10DataModule") or {}
+    data_dir = args.data_dir
+    if data_dir is None:
+        data_dir = recorded.get("data_dir") or "./data"
+        if recorded.get("data_dir") and not Path(data_dir).is_dir():
+            raise UserError(f"{args.checkpoint} was trained on {data_dir}, which is not there; "
+                            "pass --data-dir with the CIFAR-10 test images")
+    cache_dir = args.cache_dir or recorded.get("cache_dir") or str(default_cache_dir())
+    return data_dir, cache_dir
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from datamodules import CIFAR10DataModule
-    from datamodules.cifar10 import default_cache_dir
-    from lit_modules import load_classifier
+    from lit_modules.checkpointing import classifier_from_checkpoint, read_lightning_checkpoint
 
-    module = load_classifier(args.checkpoint)
+    checkpoint = read_lightning_checkpoint(args.checkpoint)
+    module = classifier_from_checkpoint(checkpoint, args.checkpoint)
+    data_dir, cache_dir = data_location(args, checkpoint)
+    del checkpoint
     if args.test_time_flip is not None:
         module.hparams.test_time_flip = args.test_time_flip
     if args.test_time_shift is not None:
         module.hparams.test_time_shift = args.test_time_shift
     device = pick_device(args.device)
-    datamodule = CIFAR10DataModule(
-        args.data_dir, batch_size=args.batch_size, val_size=0, cache_dir=args.cache_dir or default_cache_dir()
-    )
+    datamodule = CIFAR10DataModule(data_dir, batch_size=args.batch_size, val_size=0, cache_dir=cache_dir)
     datamodule.setup("test")
     predicted, true = predict_labels(module, datamodule.test_dataloader(), device)
     class_names = module.class_names

@@ -68,7 +68,11 @@ def classifier_from_hparams(hparams: dict) -> LitClassifier:
 
 def load_classifier(path: str | Path) -> LitClassifier:
     """Rebuild a LitClassifier from a checkpoint's hyperparameters alone and load its weights (eval mode)."""
-    checkpoint = read_lightning_checkpoint(path)
+    return classifier_from_checkpoint(read_lightning_checkpoint(path), path)
+
+
+def classifier_from_checkpoint(checkpoint: dict, path: str | Path) -> LitClassifier:
+    """``load_classifier`` for a checkpoint already read with ``read_lightning_checkpoint``."""
     module = classifier_from_hparams(checkpoint["hyper_parameters"])
     problems = compare_state_dicts(module.state_dict(), checkpoint["state_dict"])
     if problems:

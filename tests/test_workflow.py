@@ -113,8 +113,7 @@ def test_init_from_on_the_command_line(best_checkpoint, image_folder, tmp_path):
 def test_evaluate_prints_and_writes_the_report(trained_run, best_checkpoint, image_folder, tmp_path):
     _, training = trained_run
     report = tmp_path / "report.json"
-    result = run_script("evaluate.py", best_checkpoint, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
-                        "--json", report)
+    result = run_script("evaluate.py", best_checkpoint, "--json", report)  # the data the run trained on, by default
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[0] == training.stdout.strip().splitlines()[-1]  # same test accuracy
     assert "Per-class accuracy:" in result.stdout and "Confusion matrix" in result.stdout
@@ -131,6 +130,21 @@ def test_evaluate_prints_and_writes_the_report(trained_run, best_checkpoint, ima
     assert single_view.returncode == 0, single_view.stderr[-3000:]
     data = json.loads(report.read_text())
     assert data["test_time_flip"] is False and data["test_time_shift"] == 1 and np.array(data["confusion_matrix"]).sum() == 30
+
+
+def test_evaluate_refuses_a_recorded_data_folder_that_is_gone(best_checkpoint, image_folder, tmp_path):
+    checkpoint = torch.load(best_checkpoint, map_location="cpu", weights_only=True)
+    assert checkpoint["CIFAR10DataModule"]["data_dir"] == str(image_folder.resolve())
+    gone = tmp_path / "moved-away"
+    checkpoint["CIFAR10DataModule"]["data_dir"] = str(gone)
+    moved = tmp_path / "moved.ckpt"
+    torch.save(checkpoint, moved)
+
+    refused = run_script("evaluate.py", moved)
+    assert_one_line_error(refused, f"{moved} was trained on {gone}, which is not there", "--data-dir")
+    assert not gone.exists()  # nothing was downloaded into it
+    told = run_script("evaluate.py", moved, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache")
+    assert told.returncode == 0 and told.stdout.startswith("Test accuracy: "), told.stderr[-3000:]
 
 
 @pytest.fixture
