@@ -89,35 +89,17 @@ def format_report(accuracy: float, class_names: list[str], per_class: list[float
     return "\n".join(lines)
 
 
-def data_location(args, checkpoint: dict) -> tuple[str, str]:
-    """(data_dir, cache_dir): the flags where given, else where the run had them, else ./data and the default cache.
-
-    A recorded folder that is gone is refused: the official-download branch would
-    otherwise try to fetch CIFAR-10 into it.
-    """
-    from cli import UserError
-    from datamodules.cifar10 import default_cache_dir
-
-    recorded = checkpoint.get("CIFAR10DataModule") or {}
-    data_dir = args.data_dir
-    if data_dir is None:
-        data_dir = recorded.get("data_dir") or "./data"
-        if recorded.get("data_dir") and not Path(data_dir).is_dir():
-            raise UserError(f"{args.checkpoint} was trained on {data_dir}, which is not there; "
-                            "pass --data-dir with the CIFAR-10 test images")
-    cache_dir = args.cache_dir or recorded.get("cache_dir") or str(default_cache_dir())
-    return data_dir, cache_dir
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from datamodules import CIFAR10DataModule
+    from datamodules.cifar10 import default_cache_dir
     from lit_modules.checkpointing import classifier_from_checkpoint, read_lightning_checkpoint
 
     checkpoint = read_lightning_checkpoint(args.checkpoint)
     module = classifier_from_checkpoint(checkpoint, args.checkpoint)
-    data_dir, cache_dir = data_location(args, checkpoint)
-    del checkpoint
+    data_dir, cache_dir = CIFAR10DataModule.run_location(checkpoint, args.checkpoint, args.data_dir, args.cache_dir)
+    data_dir, cache_dir = data_dir or "./data", cache_dir or default_cache_dir()
+    del checkpoint  # a second copy of the weights
     if args.test_time_flip is not None:
         module.hparams.test_time_flip = args.test_time_flip
     if args.test_time_shift is not None:

@@ -286,7 +286,7 @@ def run_settings(checkpoint: dict) -> dict:
 
     ``input_size`` is made concrete: a run that fed 32x32 images records ``None``.
     """
-    from datamodules.cifar10 import IMAGE_SIZE
+    from datamodules.cifar10 import IMAGE_SIZE, CIFAR10DataModule
 
     hparams = checkpoint["hyper_parameters"]
     settings = {"model": hparams["model_name"]}
@@ -295,7 +295,7 @@ def run_settings(checkpoint: dict) -> dict:
     settings.update((key, hparams[key]) for key in RESUMED_HPARAMS if key in hparams)
     if "input_size" in hparams:
         settings["input_size"] = hparams["input_size"] or IMAGE_SIZE
-    data_state = checkpoint.get("CIFAR10DataModule") or {}
+    data_state = CIFAR10DataModule.saved_state(checkpoint)
     settings.update((dest, data_state[key]) for dest, key in RESUMED_DATA_SETTINGS.items() if key in data_state)
     if "planned_limit_train_batches" in checkpoint:  # sizes the learning-rate schedule, as the epochs do
         settings["limit_train_batches"] = checkpoint["planned_limit_train_batches"]
@@ -311,7 +311,7 @@ def adopt_run_settings(args, given: set[str], checkpoint: dict, ckpt_path: Path)
     ``--cache-dir`` and ``--logdir`` left out are where the run had them (the
     logdir is the one the checkpoint lies in), so that ``--ckpt-path`` alone resumes.
     """
-    from datamodules.cifar10 import IMAGE_SIZE
+    from datamodules.cifar10 import IMAGE_SIZE, CIFAR10DataModule
 
     conflicts = []
     for dest, value in run_settings(checkpoint).items():  # model and stem come before input_size
@@ -327,10 +327,9 @@ def adopt_run_settings(args, given: set[str], checkpoint: dict, ckpt_path: Path)
             "leave those flags out to resume it, or start a new run with --init-from"
         )
     # Where the run lives may change (a given flag wins), but left out it is where the run was.
-    data_state = checkpoint.get("CIFAR10DataModule") or {}
-    for dest in ("data_dir", "cache_dir"):
-        if dest not in given and data_state.get(dest):
-            setattr(args, dest, data_state[dest])
+    data_dir, cache_dir = CIFAR10DataModule.run_location(
+        checkpoint, ckpt_path, *(getattr(args, dest) if dest in given else None for dest in ("data_dir", "cache_dir")))
+    args.data_dir, args.cache_dir = data_dir or args.data_dir, cache_dir or args.cache_dir
     run_logdir = ckpt_path.resolve().parent.parent.parent
     if "logdir" not in given and run_version_of(ckpt_path, run_logdir) is not None \
             and run_logdir != Path(args.logdir).resolve():

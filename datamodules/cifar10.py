@@ -368,6 +368,27 @@ class CIFAR10DataModule(pl.LightningDataModule):
                 "seed": self.seed, "data_dir": str(self.data_dir.resolve()),
                 "cache_dir": None if self.cache_dir is None else str(Path(self.cache_dir).resolve())}
 
+    @classmethod
+    def saved_state(cls, checkpoint: dict) -> dict:
+        """What ``state_dict`` put into a Lightning checkpoint (filed under the class name); {} if nothing."""
+        return checkpoint.get(cls.__qualname__) or {}
+
+    @classmethod
+    def run_location(cls, checkpoint: dict, checkpoint_path, data_dir=None, cache_dir=None) -> tuple:
+        """(data_dir, cache_dir) for work on a checkpoint's run: those given, else those the run recorded, else None.
+
+        A recorded data folder that is gone, with none given instead, raises DataError:
+        a datamodule on a missing folder would download the official archive there,
+        another source than the run's.
+        """
+        state = cls.saved_state(checkpoint)
+        if data_dir is None:
+            data_dir = state.get("data_dir")
+            if data_dir and not Path(data_dir).is_dir():
+                raise DataError(f"{checkpoint_path} was trained on {data_dir}, which is not there; "
+                                "pass --data-dir with the CIFAR-10 images")
+        return data_dir, cache_dir if cache_dir is not None else state.get("cache_dir")
+
     def load_state_dict(self, state_dict: dict) -> None:
         if not state_dict:
             return

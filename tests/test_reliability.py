@@ -236,13 +236,22 @@ def test_resume_takes_the_settings_left_out_from_the_checkpoint(tmp_path):
 def test_resume_finds_the_data_and_logs_where_the_run_had_them_unless_told_otherwise(tmp_path):
     import train
 
+    from datamodules import DataError
+
     last = tmp_path / "runs" / "version_7" / "checkpoints" / "last.ckpt"
+    data_dir = tmp_path / "cifar"
+    data_dir.mkdir()
     checkpoint = {"hyper_parameters": {"model_name": "vgg16"},
-                  "CIFAR10DataModule": {"data_dir": "/data/cifar", "cache_dir": "/scratch/cache"}}
+                  "CIFAR10DataModule": {"data_dir": str(data_dir), "cache_dir": "/scratch/cache"}}
     argv = ["--ckpt-path", str(last)]
     args = train.build_parser().parse_args(argv)
     train.adopt_run_settings(args, train.given_flags(argv), checkpoint, last)
-    assert (args.data_dir, args.cache_dir, Path(args.logdir)) == ("/data/cifar", "/scratch/cache", tmp_path / "runs")
+    assert (args.data_dir, args.cache_dir, Path(args.logdir)) == (str(data_dir), "/scratch/cache", tmp_path / "runs")
+
+    data_dir.rmdir()  # gone: refused, not downloaded into
+    with pytest.raises(DataError, match="was trained on .*, which is not there; pass --data-dir"):
+        train.adopt_run_settings(train.build_parser().parse_args(argv), train.given_flags(argv), checkpoint, last)
+    assert not data_dir.exists()
 
     argv += ["--data-dir", "moved/cifar", "--logdir", "elsewhere"]  # the data moved; a new log folder starts a new run
     args = train.build_parser().parse_args(argv)
