@@ -328,7 +328,9 @@ def adopt_run_settings(args, given: set[str], checkpoint: dict, ckpt_path: Path)
         )
     # Where the run lives may change (a given flag wins), but left out it is where the run was.
     data_dir, cache_dir = CIFAR10DataModule.run_location(
-        checkpoint, ckpt_path, *(getattr(args, dest) if dest in given else None for dest in ("data_dir", "cache_dir")))
+        checkpoint, ckpt_path,
+        data_dir=args.data_dir if "data_dir" in given else None,
+        cache_dir=args.cache_dir if "cache_dir" in given else None)
     args.data_dir, args.cache_dir = data_dir or args.data_dir, cache_dir or args.cache_dir
     run_logdir = ckpt_path.resolve().parent.parent.parent
     if "logdir" not in given and run_version_of(ckpt_path, run_logdir) is not None \
