@@ -20,10 +20,16 @@ SMALL = ("--model", "resnet50_seed", "--precision", "32-true", *TINY_RUN)
 
 
 def start_training(*args, cwd=ROOT) -> subprocess.Popen:
+    """train.py in a child process that takes SIGINT as from a terminal.
+
+    A suite started in the background (``pytest &``) inherits SIGINT ignored, as
+    shells set it for background jobs; the child resets it so Ctrl-C tests still apply.
+    """
     return subprocess.Popen(
         [sys.executable, str(ROOT / "train.py"), *map(str, args)],
         cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
 
 
