@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import _path  # noqa: F401  (puts the project root on sys.path)
@@ -18,6 +19,10 @@ def percent(value) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
 
 
+def cell(value) -> str:
+    return "-" if value is None else str(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="lightning_logs/version_N folders")
@@ -25,12 +30,20 @@ def main() -> None:
     rows = []
     for run_dir in args.runs:
         s = run_summary(run_dir)
+        if s["model"] is None and s["command"] is None:  # neither hparams.yaml nor run_info.json
+            print(f"summarize.py: skipped {run_dir}: not a train.py run folder (no hparams.yaml or run_info.json)",
+                  file=sys.stderr)
+            continue
         rows.append([
-            s["model"], s["stem"], f"{s['optimizer']} lr {s['lr']}, {s['input_size']} px", str(s["epochs"]), str(s["precision"]),
+            cell(s["model"]), cell(s["stem"]), f"{s['optimizer']} lr {s['lr']}, {s['input_size']} px", cell(s["epochs"]),
+            cell(s["precision"]),
             "-" if s["wall_minutes"] is None else f"{s['wall_minutes']:.1f} min",
             "-" if s["median_epoch_seconds"] is None else f"{s['median_epoch_seconds']:.0f} s",
-            percent(s["best_val_acc"]), percent(s["test_acc"]), s["run"], f"`{s['command']}`",
+            percent(s["best_val_acc"]), percent(s["test_acc"]), s["run"], f"`{s['command']}`" if s["command"] else "-",
         ])
+    if not rows:
+        sys.exit(f"summarize.py: none of {len(args.runs)} folder(s) is a train.py run; "
+                 "give lightning_logs/version_N folders")
     print(markdown_table(["model", "stem", "recipe", "epochs", "precision", "wall time", "epoch (median)",
                           "best val acc %", "test acc %", "log", "command"], rows))
 

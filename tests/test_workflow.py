@@ -271,3 +271,17 @@ def test_plot_results_draws_runs_into_a_png_and_refuses_folders_without_curves(t
     nothing = run_script("bench/plot_results.py", tmp_path, "--out", tmp_path / "empty.png")
     assert nothing.returncode == 1 and "none of 1 folder(s) holds a val/acc curve" in nothing.stderr
     assert not (tmp_path / "empty.png").exists()
+
+
+def test_summarize_prints_a_row_per_run_and_refuses_folders_that_are_not_runs(trained_run, tmp_path):
+    run_dir, _ = trained_run
+    table = run_script("bench/summarize.py", run_dir, tmp_path)
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert f"skipped {tmp_path}: not a train.py run folder" in table.stderr
+    header, rule, *rows = table.stdout.strip().splitlines()
+    assert header.startswith("| model |") and len(rows) == 1
+    assert rows[0].startswith("| resnet50 | imagenet |") and "train.py" in rows[0]
+
+    nothing = run_script("bench/summarize.py", tmp_path)
+    assert nothing.returncode == 1 and "none of 1 folder(s) is a train.py run" in nothing.stderr
+    assert nothing.stdout == ""
