@@ -27,41 +27,88 @@ def autocast_for(precision: str):
     return contextlib.nullcontext()
 
 
-def plain_loop_throughput(model_name: str, batch_size: int, steps: int, warmup: int, precision: str,
-                          channels_last: bool, model_options: dict | None = None, compile: bool = False,
-                          timings: dict | None = None, input_size: int | None = None) -> float:
-    """Training images per second of a hand-written loop: augment, normalise, forward, backward, SGD step.
+class PlainStep:
+    """One training step of a hand-written loop: augment, normalise, forward, backward, SGD step.
 
-    With ``compile`` the model goes through ``torch.compile`` first; the compilation
-    happens in the untimed warm-up steps, whose seconds land in ``timings["warmup_seconds"]``.
-    With ``input_size`` each 32x32 batch is resized to that size before the model, as
-    ``LitClassifier(input_size=...)`` does.
+    Holds its own model and optimiser, so several variants (precision, memory format,
+    ``torch.compile``) can take turns step by step in one process. With ``input_size``
+    each 32x32 batch is resized to that size before the model, as
+    ``LitClassifier(input_size=...)`` does. Calling it returns the step's seconds.
     """
-    torch.manual_seed(0)
-    model = get_model(model_name, **(model_options or {})).train()
-    resize = InputResize(input_size)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if compile:
-        model.compile()
-    optimizer = torch.optim.SGD(split_decay_groups(model, 5e-4), lr=0.01, momentum=0.9, nesterov=True)
-    images, labels = synthetic_images(batch_size * (steps + warmup))
-    start = began = time.perf_counter()
-    for step in range(steps + warmup):
-        if step == warmup:
-            start = time.perf_counter()
-            if timings is not None:
-                timings["warmup_seconds"] = start - began
-        batch = normalize(train_augment(images[step * batch_size : (step + 1) * batch_size]))
+
+    def __init__(self, model_name: str, precision: str, channels_last: bool, model_options: dict | None = None,
+                 compile: bool = False, input_size: int | None = None) -> None:
+        torch.manual_seed(0)
+        model = get_model(model_name, **(model_options or {})).train()
         if channels_last:
-            batch = batch.contiguous(memory_format=torch.channels_last)
-        target = labels[step * batch_size : (step + 1) * batch_size]
-        with autocast_for(precision):
-            loss = F.cross_entropy(model(resize(batch)), target, label_smoothing=0.1)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    return steps * batch_size / (time.perf_counter() - start)
+            model = model.to(memory_format=torch.channels_last)
+        if compile:
+            model.compile()
+        self.model, self.precision, self.channels_last = model, precision, channels_last
+        self.resize = InputResize(input_size)
+        self.optimizer = torch.optim.SGD(split_decay_groups(model, 5e-4), lr=0.01, momentum=0.9, nesterov=True)
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> float:
+        start = time.perf_counter()
+        with torch.enable_grad():
+            batch = normalize(train_augment(images))
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            with autocast_for(self.precision):
+                loss = F.cross_entropy(self.model(self.resize(batch)), labels, label_smoothing=0.1)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+        return time.perf_counter() - start
+
+
+def interleaved_step_seconds(variants: dict[str, PlainStep], batch_size: int, steps: int,
+                             warmup: int) -> tuple[dict[str, list[float]], dict[str, float]]:
+    """Each variant trains one step in turn, ``warmup + steps`` rounds; the seconds of the timed steps per variant.
+
+    Neighbouring steps of different variants share whatever load the machine is under,
+    so their ratios hold where separate trials minutes apart do not. The order within a
+    round reverses every round. Also returns each variant's warm-up seconds (where a
+    compiled model compiles).
+    """
+    images, labels = synthetic_images(batch_size)
+    seconds = {name: [] for name in variants}
+    warmup_seconds = dict.fromkeys(variants, 0.0)
+    names = list(variants)
+    for round_index in range(warmup + steps):
+        for name in (names if round_index % 2 == 0 else names[::-1]):
+            elapsed = variants[name](images, labels)
+            if round_index < warmup:
+                warmup_seconds[name] += elapsed
+            else:
+                seconds[name].append(elapsed)
+    return seconds, warmup_seconds
+
+
+def plain_loop_step_seconds(model_name: str, batch_size: int, steps: int, warmup: int, precision: str,
+                            channels_last: bool, **options) -> list[float]:
+    """Seconds of each of ``steps`` timed steps of one plain-loop variant, after ``warmup`` untimed ones."""
+    seconds, _ = interleaved_step_seconds({"only": PlainStep(model_name, precision, channels_last, **options)},
+                                          batch_size, steps, warmup)
+    return seconds["only"]
+
+
+def paired_ratios(numerator: list[float], denominator: list[float]) -> list[float]:
+    """Step-by-step ratios of two variants' step seconds, taken in the same rounds."""
+    return [top / bottom for top, bottom in zip(numerator, denominator, strict=True)]
+
+
+def quartiles(values: list[float]) -> tuple[float, float, float]:
+    """Lower quartile, median and upper quartile."""
+    if len(values) < 2:
+        return (values[0],) * 3
+    low, middle, high = statistics.quantiles(values, n=4)
+    return low, middle, high
+
+
+def median_step_throughput(step_seconds: list[float], batch_size: int) -> float:
+    """Images per second at the median step: a burst of other load on the shared machine moves it less than the mean."""
+    return batch_size / median(step_seconds)
 
 
 def median(values: list[float]) -> float:

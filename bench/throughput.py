@@ -6,17 +6,25 @@
     python bench/throughput.py --input-size 48       # everything at train.py's default size for resnet50
     python bench/throughput.py --models resnet50 --size-sweep 32 40 48 56 64
 
-For each model, in one process, alternating trials:
+For each model, in one process:
   (a) LitClassifier inside the Lightning Trainer, as train.py runs it (logger,
-      progress bar, checkpoint-free), and (b) a hand-written loop over the same
-      model, batch, precision, optimiser and batch augmentation;
-  then, in the plain loop, fp32 against bf16 and channels-last on against off,
-  and with ``--compile`` the compiled model against the eager one, with the
-  seconds the first compilation took (later ones hit the compile cache);
-  with ``--size-sweep``, the plain loop at each input size and its cost
-  relative to the first size (what a higher ``--input-size`` costs per epoch).
-Prints medians (images/s) and ratios as Markdown tables. Data is synthetic
-uint8 in memory (speed does not depend on pixel values). Run by hand, not in CI.
+      progress bar, checkpoint-free), against (b) a hand-written loop over the
+      same model, batch, precision, optimiser and batch augmentation. The two
+      take turns step by step: after each Trainer step a callback trains one
+      plain-loop step on its own copy of the model. A Trainer step is the time
+      from the start of one batch to the start of the next (fetch, batch
+      transform, forward, backward, optimiser step, logging and progress-bar
+      hooks) less the plain step inside it. ``--repeats`` fresh Trainers.
+  Then plain-loop variants, again step by step in turn: fp32 against bf16,
+  channels-last on against off, and with ``--compile`` the compiled model against
+  the eager one, with the seconds of the warm-up steps where it compiles; with
+  ``--size-sweep``, the plain loop at each input size and its cost relative to
+  the first size (what a higher ``--input-size`` costs per epoch).
+The machine is shared, and other load can slow everything 2x for minutes; taking
+turns step by step puts both sides of a ratio under the same load. Speeds are
+images/s at a variant's median step; ratios are the median of the step-by-step
+ratios, with their quartiles. Prints Markdown tables. Data is synthetic uint8 in
+memory (speed does not depend on pixel values). Run by hand, not in CI.
 """
 
 from __future__ import annotations
@@ -28,59 +36,86 @@ import time
 import pytorch_lightning as pl
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-from bench.common import markdown_table, median, plain_loop_throughput, synthetic_images
+from bench.common import (PlainStep, interleaved_step_seconds, markdown_table, median, median_step_throughput,
+                          paired_ratios, quartiles, synthetic_images)
 from cli import resolve_precision
 from datamodules import CIFAR10DataModule
 from datamodules.cifar10 import IMAGE_SIZE
 from lit_modules import LitClassifier
 
 
-class StepTimer(pl.Callback):
-    """Time from the start of batch ``warmup`` to the end of the last batch."""
+class PlainStepBetweenBatches(pl.Callback):
+    """After each Trainer step, one plain-loop step; records both steps' seconds from batch ``warmup`` on.
 
-    def __init__(self, warmup: int) -> None:
-        self.warmup = warmup
-        self.start = self.end = 0.0
-        self.images = 0
+    The Trainer fetches a batch and runs the batch transform before that batch's
+    start, so the span from one batch's start to the next holds one whole Trainer
+    step plus the plain step run at its end. The trial runs one batch more than it
+    times, to close the last span.
+    """
+
+    def __init__(self, plain_step: PlainStep, batch_size: int, warmup: int, steps: int) -> None:
+        self.plain_step, self.warmup, self.steps = plain_step, warmup, steps
+        self.images, self.labels = synthetic_images(batch_size, seed=1)
+        self.starts: list[float] = []
+        self.plain_seconds: list[float] = []
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx == self.warmup:
-            self.start = time.perf_counter()
+        if batch_idx >= self.warmup:
+            self.starts.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx >= self.warmup + self.steps:
+            return
+        seconds = self.plain_step(self.images, self.labels)
         if batch_idx >= self.warmup:
-            self.images += batch[0].shape[0]
-            self.end = time.perf_counter()
+            self.plain_seconds.append(seconds)
+
+    @property
+    def trainer_seconds(self) -> list[float]:
+        spans = [end - start for start, end in zip(self.starts, self.starts[1:])]
+        return [span - plain for span, plain in zip(spans, self.plain_seconds, strict=True)]
 
 
-def trainer_throughput(model_name: str, batch_size: int, steps: int, warmup: int, precision: str, logdir: str,
-                       input_size: int | None = None) -> float:
-    images, labels = synthetic_images(batch_size * (steps + warmup) + 1)
+def trainer_and_plain_step_seconds(model_name: str, batch_size: int, steps: int, warmup: int, precision: str,
+                                   logdir: str, input_size: int | None = None) -> tuple[list[float], list[float]]:
+    """Seconds of each timed step of LitClassifier in the Trainer (set up as train.py sets it up) and of the plain loop."""
+    images, labels = synthetic_images(batch_size * (steps + warmup + 1) + 1)
     arrays = {"train_images": images, "train_labels": labels, "test_images": images[:1], "test_labels": labels[:1]}
     datamodule = CIFAR10DataModule.from_arrays(arrays, batch_size=batch_size, val_size=1, channels_last=True)
     module = LitClassifier(model_name, lr=0.01, label_smoothing=0.1, channels_last=True, input_size=input_size)
-    timer = StepTimer(warmup)
+    turns = PlainStepBetweenBatches(PlainStep(model_name, precision, channels_last=True, input_size=input_size),
+                                    batch_size, warmup, steps)
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, precision=precision, max_epochs=1, limit_val_batches=0,
         logger=pl.loggers.TensorBoardLogger(logdir, name="", default_hp_metric=False), log_every_n_steps=50,
-        callbacks=[timer, pl.callbacks.TQDMProgressBar(refresh_rate=20)], enable_checkpointing=False,
+        callbacks=[turns, pl.callbacks.TQDMProgressBar(refresh_rate=20)], enable_checkpointing=False,
         enable_model_summary=False, num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=datamodule)
-    return timer.images / (timer.end - timer.start)
+    return turns.trainer_seconds, turns.plain_seconds
+
+
+def ratio_cells(variant: list[float], reference: list[float]) -> list[str]:
+    """The speed of ``variant`` relative to ``reference``: the median and quartiles of their step-by-step ratios.
+
+    Both are step seconds of the same rounds; a step's speed ratio is the reference's
+    seconds over the variant's (above 1 when the variant is faster).
+    """
+    low, middle, high = quartiles(paired_ratios(reference, variant))
+    return [f"{middle:.3f}", f"{low:.3f}-{high:.3f}"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"])
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per trial")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before each trial")
-    parser.add_argument("--repeats", type=int, default=3, help="alternated trials of each variant")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per Trainer; the levers take steps x repeats rounds")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (rounds) before timing starts")
+    parser.add_argument("--repeats", type=int, default=3, help="fresh Trainers, each for --steps timed steps")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd model (minutes more)")
     parser.add_argument("--input-size", type=int, default=None, help="resize batches to this size (default: 32, as stored)")
     parser.add_argument("--size-sweep", type=int, nargs="+", default=None, metavar="SIZE",
-                        help="instead: the plain loop's bf16 images/s at each input size, alternated")
+                        help="instead: the plain loop's bf16 images/s at each input size, taking turns step by step")
     args = parser.parse_args()
     precision = resolve_precision("auto", "cpu")
     if args.size_sweep:
@@ -91,58 +126,68 @@ def main() -> None:
     overhead_rows, lever_rows, compile_rows = [], [], []
     with tempfile.TemporaryDirectory() as logdir:
         for model in args.models:
-            runs = {"trainer": [], "plain": [], "fp32": [], "cl_off": []}
-            compile_seconds = []
-            if args.compile:
-                runs["compiled"] = []
+            trainer_seconds, plain_seconds = [], []
             for _ in range(args.repeats):
-                runs["trainer"].append(trainer_throughput(model, precision=precision, logdir=logdir, **trial))
-                runs["plain"].append(plain_loop_throughput(model, precision=precision, channels_last=True, **trial))
-                runs["fp32"].append(plain_loop_throughput(model, precision="32-true", channels_last=True, **trial))
-                runs["cl_off"].append(plain_loop_throughput(model, precision=precision, channels_last=False, **trial))
-                if args.compile:
-                    timings = {}
-                    runs["compiled"].append(plain_loop_throughput(model, precision=precision, channels_last=True,
-                                                                  compile=True, timings=timings, **trial))
-                    compile_seconds.append(timings["warmup_seconds"])
-            m = {name: median(values) for name, values in runs.items()}
-            overhead_rows.append([model, precision, str(args.batch_size), f"{m['trainer']:.1f}", f"{m['plain']:.1f}",
-                                  f"{m['trainer'] / m['plain']:.3f}"])
-            lever_rows.append([model, f"{m['fp32']:.1f}", f"{m['plain']:.1f}", f"{m['plain'] / m['fp32']:.2f}",
-                               f"{m['cl_off']:.1f}", f"{m['plain'] / m['cl_off']:.2f}"])
+                trainer_steps, plain_steps = trainer_and_plain_step_seconds(model, precision=precision, logdir=logdir,
+                                                                            **trial)
+                trainer_seconds += trainer_steps
+                plain_seconds += plain_steps
+            overhead_rows.append([model, precision, str(args.batch_size),
+                                  f"{median_step_throughput(trainer_seconds, args.batch_size):.1f}",
+                                  f"{median_step_throughput(plain_seconds, args.batch_size):.1f}",
+                                  *ratio_cells(trainer_seconds, plain_seconds)])
+
+            variants = {
+                "bf16": PlainStep(model, precision, channels_last=True, input_size=args.input_size),
+                "fp32": PlainStep(model, "32-true", channels_last=True, input_size=args.input_size),
+                "channels-first": PlainStep(model, precision, channels_last=False, input_size=args.input_size),
+            }
             if args.compile:
-                compile_rows.append([model, f"{m['plain']:.1f}", f"{m['compiled']:.1f}", f"{m['compiled'] / m['plain']:.2f}",
-                                     f"{compile_seconds[0]:.0f}", f"{median(compile_seconds[1:] or compile_seconds):.0f}"])
-            print(f"{model}: " + ", ".join(f"{k} {[round(v, 1) for v in vs]}" for k, vs in runs.items()), flush=True)
+                variants["compiled"] = PlainStep(model, precision, channels_last=True, input_size=args.input_size,
+                                                 compile=True)
+            seconds, warmup_seconds = interleaved_step_seconds(variants, args.batch_size, args.steps * args.repeats,
+                                                               args.warmup)
+            speed = {name: median_step_throughput(steps, args.batch_size) for name, steps in seconds.items()}
+            lever_rows.append([model, f"{speed['fp32']:.1f}", f"{speed['bf16']:.1f}",
+                               *ratio_cells(seconds["bf16"], seconds["fp32"]),
+                               f"{speed['channels-first']:.1f}", *ratio_cells(seconds["bf16"], seconds["channels-first"])])
+            if args.compile:
+                compile_rows.append([model, f"{speed['bf16']:.1f}", f"{speed['compiled']:.1f}",
+                                     *ratio_cells(seconds["compiled"], seconds["bf16"]),
+                                     f"{warmup_seconds['compiled']:.0f}", f"{warmup_seconds['bf16']:.0f}"])
+            print(f"{model} done", flush=True)
 
     size = args.input_size or IMAGE_SIZE
-    print(f"\nTraining throughput, images/s (median of {args.repeats} alternated trials of {args.steps} steps; "
-          f"input {size}x{size}; CPU)\n")
-    print(markdown_table(["model", "precision", "batch", "(a) Trainer", "(b) plain loop", "ratio a/b"], overhead_rows))
+    print(f"\nTraining throughput, images/s at the median step (input {size}x{size}; CPU). Trainer against plain loop: "
+          f"{args.repeats} Trainers of {args.steps} steps, each followed by a plain step; the levers: "
+          f"{args.steps * args.repeats} rounds of one step of each variant. Ratios: median of the step-by-step ratios "
+          "(quartiles beside it).\n")
+    print(markdown_table(["model", "precision", "batch", "(a) Trainer", "(b) plain loop", "ratio a/b", "quartiles"],
+                         overhead_rows))
     print()
-    print(markdown_table(["model", "fp32", "bf16", "bf16/fp32", "bf16 channels-first", "channels-last/first"], lever_rows))
+    print(markdown_table(["model", "fp32", "bf16", "bf16/fp32", "quartiles", "bf16 channels-first",
+                          "channels-last/first", "quartiles"], lever_rows))
     if compile_rows:
         print()
-        print(markdown_table(["model", "eager", "compiled", "compiled/eager", f"first warm-up s ({args.warmup} steps)",
-                              "later warm-ups s"], compile_rows))
+        print(markdown_table(["model", "eager", "compiled", "compiled/eager", "quartiles",
+                              f"compiled warm-up s ({args.warmup} steps)", f"eager warm-up s ({args.warmup} steps)"],
+                             compile_rows))
 
 
 def size_sweep(args, precision: str) -> None:
     rows = []
     for model in args.models:
-        runs = {size: [] for size in args.size_sweep}
-        for _ in range(args.repeats):
-            for size in args.size_sweep:
-                runs[size].append(plain_loop_throughput(model, batch_size=args.batch_size, steps=args.steps,
-                                                        warmup=args.warmup, precision=precision, channels_last=True,
-                                                        input_size=size))
-        print(f"{model}: " + ", ".join(f"{k} {[round(v, 1) for v in vs]}" for k, vs in runs.items()), flush=True)
-        base = median(runs[args.size_sweep[0]])
-        for size in args.size_sweep:
-            rows.append([model, f"{size}x{size}", f"{median(runs[size]):.1f}", f"{base / median(runs[size]):.2f}"])
-    print(f"\nPlain-loop training throughput by input size, images/s ({precision}, channels-last, batch "
-          f"{args.batch_size}; median of {args.repeats} alternated trials of {args.steps} steps; CPU)\n")
-    print(markdown_table(["model", "input", "images/s", f"time per image vs {args.size_sweep[0]}x{args.size_sweep[0]}"], rows))
+        variants = {size: PlainStep(model, precision, channels_last=True, input_size=size) for size in args.size_sweep}
+        seconds, _ = interleaved_step_seconds(variants, args.batch_size, args.steps * args.repeats, args.warmup)
+        base = args.size_sweep[0]
+        for size in args.size_sweep:  # time per image at SIZE over that at BASE: BASE's speed relative to SIZE's
+            rows.append([model, f"{size}x{size}", f"{median_step_throughput(seconds[size], args.batch_size):.1f}",
+                         *ratio_cells(seconds[base], seconds[size])])
+        print(f"{model} done", flush=True)
+    print(f"\nPlain-loop training throughput by input size, images/s at the median step ({precision}, channels-last, "
+          f"batch {args.batch_size}; {args.steps * args.repeats} rounds of one step at each size; CPU)\n")
+    print(markdown_table(["model", "input", "images/s", f"time per image vs {args.size_sweep[0]}x{args.size_sweep[0]}",
+                          "quartiles"], rows))
 
 
 if __name__ == "__main__":
