@@ -36,10 +36,10 @@ class PlainStep:
     ``LitClassifier(input_size=...)`` does. Calling it returns the step's seconds.
     """
 
-    def __init__(self, model_name: str, precision: str, channels_last: bool, model_options: dict | None = None,
-                 compile: bool = False, input_size: int | None = None) -> None:
+    def __init__(self, model_name: str, precision: str, channels_last: bool, compile: bool = False,
+                 input_size: int | None = None) -> None:
         torch.manual_seed(0)
-        model = get_model(model_name, **(model_options or {})).train()
+        model = get_model(model_name).train()
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         if compile:
