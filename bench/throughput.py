@@ -36,7 +36,7 @@ import time
 import pytorch_lightning as pl
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-from bench.common import (PlainStep, interleaved_step_seconds, markdown_table, median, median_step_throughput,
+from bench.common import (PlainStep, interleaved_step_seconds, markdown_table, median_step_throughput,
                           paired_ratios, quartiles, synthetic_images)
 from cli import resolve_precision
 from datamodules import CIFAR10DataModule

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_RUN, write_image_folder
+from tests.conftest import TINY_RUN
 from tests.helpers import ROOT, assert_one_line_error, run_script, scalar_tags
 
 SMALL = ("--model", "resnet50_seed", "--precision", "32-true", *TINY_RUN)
