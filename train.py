@@ -98,6 +98,9 @@ def build_parser() -> ArgumentParser:
     optim.add_argument("--scheduler", default="onecycle", choices=("onecycle", "cosine", "none"),
                        help="learning-rate schedule, stepped every batch")
     optim.add_argument("--warmup-fraction", type=fraction, default=0.15, help="share of steps warming up (onecycle)")
+    optim.add_argument("--ema-decay", type=fraction, default=0.0, metavar="D",
+                       help="validate, checkpoint and keep an exponential moving average of the weights, "
+                            "updated every step with this decay (e.g. 0.999); 0: off")
     optim.add_argument("--seed", type=non_negative_int, default=42, help="random seed (weights, shuffling, augmentation)")
     optim.add_argument("--deterministic", action="store_true",
                        help="deterministic algorithms only: two runs with the same seed give identical results")
@@ -276,7 +279,7 @@ def given_flags(argv: Sequence[str] | None) -> set[str]:
 
 # Flags a checkpoint's hyperparameters record under the same name.
 RESUMED_HPARAMS = ("optimizer", "lr", "momentum", "weight_decay", "label_smoothing", "scheduler", "warmup_fraction",
-                   "channels_last", "test_time_flip", "test_time_shift")
+                   "channels_last", "test_time_flip", "test_time_shift", "ema_decay")
 # Flags the data module's checkpoint state records: flag dest -> its key there.
 RESUMED_DATA_SETTINGS = {"batch_size": "batch_size", "val_size": "val_size", "seed": "seed", "cutout": "cutout_size"}
 
@@ -368,6 +371,7 @@ def build_module(args, resumed: dict | None):
         test_time_flip=args.test_time_flip,
         test_time_shift=args.test_time_shift,
         input_size=resolve_input_size(args),
+        ema_decay=args.ema_decay,
     )
     if args.init_from:
         skipped = init_weights(module.model, args.init_from, strict=args.init_strict)
@@ -454,9 +458,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from datamodules import CIFAR10DataModule
     from datamodules.cifar10 import default_cache_dir
+    from lit_modules.callbacks import EMA_SUPPORTED
     from lit_modules.checkpointing import AtomicCheckpointIO
 
     check_devices(args.accelerator, devices)
+    if args.ema_decay and not EMA_SUPPORTED:
+        raise UserError(f"--ema-decay needs pytorch-lightning 2.6 or newer; this is {pl.__version__}")
     pl.seed_everything(args.seed, workers=True, verbose=False)
     precision = resolve_precision(args.precision, args.accelerator)
     module = build_module(args, resumed)

@@ -97,3 +97,50 @@ class EpochTimer(pl.Callback):
             metrics["perf/gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
         for name, value in metrics.items():
             pl_module.log(name, value, on_step=False, on_epoch=True, rank_zero_only=True)
+
+
+# Lightning's weight-averaging callback arrived in pytorch-lightning 2.6; older versions train without --ema-decay.
+_WeightAveraging = getattr(pl.callbacks, "WeightAveraging", None)
+EMA_SUPPORTED = _WeightAveraging is not None
+
+
+class ExponentialMovingAverage(_WeightAveraging or pl.Callback):
+    """An exponential moving average of the weights (Polyak & Juditsky 1992), BatchNorm statistics included.
+
+    After every optimiser step ``average = decay * average + (1 - decay) * weights``; with
+    ``decay = 0.999`` the average spans about the last 1,000 steps. Validation runs on the
+    average, so ``val/acc`` and the best checkpoint are the average's. A checkpoint's
+    ``state_dict`` holds the average (what the final test, ``evaluate.py``, ``predict.py`` and
+    ``export.py`` load) and ``current_model_state`` the trained weights, which a resumed run goes
+    on from. When training ends the network keeps the average.
+
+    Two things differ from Lightning's ``WeightAveraging``: a checkpoint loaded for testing (not
+    for resuming) keeps its averaged ``state_dict`` instead of swapping the trained weights back
+    in, and a checkpoint saved while validation has the average in the network (an interrupt
+    mid-validation) still stores the two the right way round.
+    """
+
+    def __init__(self, decay: float) -> None:
+        if not EMA_SUPPORTED:
+            raise RuntimeError("weight averaging needs pytorch-lightning 2.6 or newer")
+        if not 0 < decay < 1:
+            raise ValueError(f"the EMA decay must be in (0, 1), got {decay}")
+        from torch.optim.swa_utils import get_ema_multi_avg_fn
+
+        super().__init__(use_buffers=True, multi_avg_fn=get_ema_multi_avg_fn(decay))
+        self.decay = decay
+        self._network_holds_average = False
+
+    def _swap_models(self, pl_module) -> None:
+        super()._swap_models(pl_module)
+        self._network_holds_average = not self._network_holds_average
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._network_holds_average and "current_model_state" in checkpoint:
+            checkpoint["state_dict"], checkpoint["current_model_state"] = (
+                checkpoint["current_model_state"], checkpoint["state_dict"])
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
+        if trainer.state.fn == "fit":
+            super().on_load_checkpoint(trainer, pl_module, checkpoint)

@@ -64,6 +64,9 @@ class LitClassifier(pl.LightningModule):
         input_size: the network sees every batch (train, validation, test, prediction)
             bilinearly resized to ``input_size x input_size``; ``None`` keeps the data's
             size. See :class:`models.InputResize`.
+        ema_decay: with ``d > 0``, validate, checkpoint and keep an exponential moving
+            average of the weights updated after every step with decay ``d``
+            (:class:`lit_modules.callbacks.ExponentialMovingAverage`); 0 trains without one.
 
     Besides the scalars, a TensorBoard logger receives the confusion matrix and
     per-class accuracy after every validation epoch and after testing, a grid of
@@ -88,6 +91,7 @@ class LitClassifier(pl.LightningModule):
         test_time_shift: int = 0,
         class_names: list[str] | None = None,
         input_size: int | None = None,
+        ema_decay: float = 0.0,
     ) -> None:
         super().__init__()
         if optimizer not in OPTIMIZERS:
@@ -96,6 +100,8 @@ class LitClassifier(pl.LightningModule):
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
         if test_time_shift < 0:
             raise ValueError(f"test_time_shift must be zero or positive, got {test_time_shift}")
+        if not 0 <= ema_decay < 1:
+            raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if class_names is None:
             class_names = list(CIFAR10_CLASS_NAMES) if num_classes == 10 else [str(i) for i in range(num_classes)]
         if len(class_names) != num_classes:
@@ -246,6 +252,13 @@ class LitClassifier(pl.LightningModule):
             checkpoint["planned_limit_train_batches"] = self._trainer.limit_train_batches
 
     # ---- optimisation ---------------------------------------------------------------------------
+
+    def configure_callbacks(self):
+        if self.hparams.get("ema_decay") and self.trainer.state.fn == "fit":
+            from lit_modules.callbacks import ExponentialMovingAverage
+
+            return [ExponentialMovingAverage(self.hparams.ema_decay)]
+        return []
 
     def configure_optimizers(self):
         hp = self.hparams

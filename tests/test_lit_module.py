@@ -1,9 +1,11 @@
 import pytorch_lightning as pl
 import pytest
 import torch
+from pytorch_lightning.callbacks import ModelCheckpoint
 
 from datamodules import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, normalize
 from lit_modules import LitClassifier
+from lit_modules.callbacks import EMA_SUPPORTED, ExponentialMovingAverage
 from lit_modules.classifier import split_decay_groups
 
 
@@ -165,3 +167,62 @@ def test_onecycle_warms_up_then_decays(image_folder, cache_dir, tmp_path):
 def test_unknown_optimiser_settings_raise(option, value):
     with pytest.raises(ValueError, match=f"unknown {option}"):
         LitClassifier("vgg16", **{option: value})
+
+
+def test_ema_decay_out_of_range_is_refused():
+    with pytest.raises(ValueError, match="ema_decay must be in"):
+        LitClassifier("vgg16", ema_decay=1.0)
+
+
+class SaveDuringValidation(pl.Callback):
+    """Saves a checkpoint at the first validation batch of every epoch, while the network holds the average."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            trainer.save_checkpoint(self.path)
+
+
+@pytest.mark.skipif(not EMA_SUPPORTED, reason="weight averaging needs pytorch-lightning 2.6")
+def test_ema_checkpoints_and_tests_the_average_and_resumes_both(image_folder, cache_dir, tmp_path):
+    pl.seed_everything(0)
+    datamodule = CIFAR10DataModule(image_folder, batch_size=8, val_size=20, cache_dir=cache_dir)
+    module = LitClassifier("resnet50_seed", lr=0.05, scheduler="none", ema_decay=0.5)
+    end_of_epoch = ModelCheckpoint(dirpath=tmp_path, filename="end", monitor=None)
+    trainer = small_trainer(tmp_path, max_epochs=2, enable_checkpointing=True, num_sanity_val_steps=0,
+                            callbacks=[SaveDuringValidation(tmp_path / "mid_validation.ckpt"), end_of_epoch])
+    trainer.fit(module, datamodule=datamodule)
+    assert [c.decay for c in trainer.callbacks if isinstance(c, ExponentialMovingAverage)] == [0.5]
+
+    saved = torch.load(tmp_path / "end.ckpt", weights_only=True)
+    average, trained = saved["state_dict"], saved["current_model_state"]
+    assert any(not torch.equal(average[name], trained[name]) for name in average)
+    final = module.state_dict()  # training ends with the average in the network
+    assert all(torch.equal(final[name], average[name]) for name in average)
+    # Saved mid-validation (as an interrupt would): still the average in state_dict, the trained weights beside it.
+    mid = torch.load(tmp_path / "mid_validation.ckpt", weights_only=True)
+    assert all(torch.equal(mid["state_dict"][n], average[n]) and torch.equal(mid["current_model_state"][n], trained[n])
+               for n in average)
+
+    # Testing a checkpoint scores its average, not the trained weights kept beside it.
+    trainer.test(module, datamodule=datamodule, ckpt_path=tmp_path / "end.ckpt", verbose=False)
+    tested = module.state_dict()
+    assert all(torch.equal(tested[name], average[name]) for name in average)
+
+    # Resuming trains on from the trained weights, with the average restored beside them.
+    seen = {}
+
+    class RecordStart(pl.Callback):
+        def on_train_start(self, trainer, pl_module):
+            (ema,) = [c for c in trainer.callbacks if isinstance(c, ExponentialMovingAverage)]
+            seen["trained"] = {k: v.clone() for k, v in pl_module.state_dict().items()}
+            seen["average"] = {k[len("module."):]: v.clone() for k, v in ema._average_model.state_dict().items()
+                               if k.startswith("module.")}
+
+    resumed = LitClassifier("resnet50_seed", lr=0.05, scheduler="none", ema_decay=0.5)
+    small_trainer(tmp_path, max_epochs=3, num_sanity_val_steps=0, callbacks=[RecordStart()]).fit(
+        resumed, datamodule=datamodule, ckpt_path=tmp_path / "end.ckpt")
+    assert all(torch.equal(seen["trained"][n], trained[n]) and torch.equal(seen["average"][n], average[n])
+               for n in average)

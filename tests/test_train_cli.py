@@ -93,7 +93,8 @@ def test_help_documents_every_flag_with_its_default():
                  "--weight-decay", "--label-smoothing", "--seed", "--accelerator", "--devices", "--precision",
                  "--num-workers", "--limit-train-batches", "--limit-val-batches", "--limit-test-batches",
                  "--fast-dev-run", "--logdir", "--ckpt-path", "--init-from", "--init-strict", "--strategy",
-                 "--num-nodes", "--deterministic", "--compile", "--channels-last", "--checkpoint-every-n-steps", "--test-time-flip", "--test-time-shift"]:
+                 "--num-nodes", "--deterministic", "--compile", "--channels-last", "--checkpoint-every-n-steps", "--test-time-flip", "--test-time-shift",
+                 "--ema-decay"]:
         assert flag in text
     assert text.count("(default:") >= 35
     for default in ["resnet50", "./data", "lightning_logs", "auto", "imagenet", "sgd"]:
@@ -125,6 +126,7 @@ def test_a_reader_that_stops_early_ends_the_script_quietly():
         (["--input-size", "big"], "--input-size: must be 'auto' or a positive integer"),
         (["--cutout", "-1"], "--cutout: must be zero or a positive integer"),
         (["--cutout", "33"], "--cutout: must be at most 32"),
+        (["--ema-decay", "1"], "--ema-decay: must be in [0, 1)"),
     ],
 )
 def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
