@@ -33,11 +33,13 @@ class PlainStep:
     Holds its own model and optimiser, so several variants (precision, memory format,
     ``torch.compile``) can take turns step by step in one process. With ``input_size``
     each 32x32 batch is resized to that size before the model, as
-    ``LitClassifier(input_size=...)`` does. Calling it returns the step's seconds.
+    ``LitClassifier(input_size=...)`` does. With ``ema_decay`` each step also updates an
+    exponential moving average of the weights, as ``train.py --ema-decay`` does. Calling it
+    returns the step's seconds.
     """
 
     def __init__(self, model_name: str, precision: str, channels_last: bool, compile: bool = False,
-                 input_size: int | None = None) -> None:
+                 input_size: int | None = None, ema_decay: float = 0.0) -> None:
         torch.manual_seed(0)
         model = get_model(model_name).train()
         if channels_last:
@@ -47,6 +49,11 @@ class PlainStep:
         self.model, self.precision, self.channels_last = model, precision, channels_last
         self.resize = InputResize(input_size)
         self.optimizer = torch.optim.SGD(split_decay_groups(model, 5e-4), lr=0.01, momentum=0.9, nesterov=True)
+        self.average = None
+        if ema_decay:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(ema_decay), use_buffers=True)
 
     def __call__(self, images: torch.Tensor, labels: torch.Tensor) -> float:
         start = time.perf_counter()
@@ -59,6 +66,8 @@ class PlainStep:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
+            if self.average is not None:
+                self.average.update_parameters(self.model)
         return time.perf_counter() - start
 
 

@@ -15,8 +15,11 @@ For each model, in one process:
       from the start of one batch to the start of the next (fetch, batch
       transform, forward, backward, optimiser step, logging and progress-bar
       hooks) less the plain step inside it. ``--repeats`` fresh Trainers.
-  Then plain-loop variants, again step by step in turn: fp32 against bf16,
-  channels-last on against off, and with ``--compile`` the compiled model against
+  Then plain-loop variants, again step by step in turn: fp32 against bf16 (where
+  the CPU computes bf16 natively; elsewhere ``--precision auto`` trains in fp32
+  and the bf16 cells say so), and at that default precision channels-last on
+  against off, an exponential moving average of the weights updated every step
+  (``--ema-decay``) against none, and with ``--compile`` the compiled model against
   the eager one, with the seconds of the warm-up steps where it compiles; with
   ``--size-sweep``, the plain loop at each input size and its cost relative to
   the first size (what a higher ``--input-size`` costs per epoch).
@@ -42,6 +45,9 @@ from cli import resolve_precision
 from datamodules import CIFAR10DataModule
 from datamodules.cifar10 import IMAGE_SIZE
 from lit_modules import LitClassifier
+
+
+NO_NATIVE_BF16 = "no native bf16"  # the bf16 cell where this CPU has no bf16 instructions (auto picks fp32)
 
 
 class PlainStepBetweenBatches(pl.Callback):
@@ -115,9 +121,10 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd model (minutes more)")
     parser.add_argument("--input-size", type=int, default=None, help="resize batches to this size (default: 32, as stored)")
     parser.add_argument("--size-sweep", type=int, nargs="+", default=None, metavar="SIZE",
-                        help="instead: the plain loop's bf16 images/s at each input size, taking turns step by step")
+                        help="instead: the plain loop's images/s (default precision) at each input size, taking turns step by step")
     args = parser.parse_args()
     precision = resolve_precision("auto", "cpu")
+    native_bf16 = precision == "bf16-mixed"
     if args.size_sweep:
         size_sweep(args, precision)
         return
@@ -137,24 +144,29 @@ def main() -> None:
                                   f"{median_step_throughput(plain_seconds, args.batch_size):.1f}",
                                   *ratio_cells(trainer_seconds, plain_seconds)])
 
-            variants = {
-                "bf16": PlainStep(model, precision, channels_last=True, input_size=args.input_size),
-                "fp32": PlainStep(model, "32-true", channels_last=True, input_size=args.input_size),
-                "channels-first": PlainStep(model, precision, channels_last=False, input_size=args.input_size),
-            }
+            # The other levers are measured at train.py's default precision; bf16 only where it is native.
+            default = "bf16" if native_bf16 else "fp32"
+            variants = {"fp32": PlainStep(model, "32-true", channels_last=True, input_size=args.input_size)}
+            if native_bf16:
+                variants["bf16"] = PlainStep(model, "bf16-mixed", channels_last=True, input_size=args.input_size)
+            variants["channels-first"] = PlainStep(model, precision, channels_last=False, input_size=args.input_size)
+            variants["EMA"] = PlainStep(model, precision, channels_last=True, input_size=args.input_size,
+                                        ema_decay=0.999)
             if args.compile:
                 variants["compiled"] = PlainStep(model, precision, channels_last=True, input_size=args.input_size,
                                                  compile=True)
             seconds, warmup_seconds = interleaved_step_seconds(variants, args.batch_size, args.steps * args.repeats,
                                                                args.warmup)
             speed = {name: median_step_throughput(steps, args.batch_size) for name, steps in seconds.items()}
-            lever_rows.append([model, f"{speed['fp32']:.1f}", f"{speed['bf16']:.1f}",
-                               *ratio_cells(seconds["bf16"], seconds["fp32"]),
-                               f"{speed['channels-first']:.1f}", *ratio_cells(seconds["bf16"], seconds["channels-first"])])
+            bf16_cells = ([f"{speed['bf16']:.1f}", *ratio_cells(seconds["bf16"], seconds["fp32"])] if native_bf16
+                          else [NO_NATIVE_BF16, "-", "-"])
+            lever_rows.append([model, f"{speed['fp32']:.1f}", *bf16_cells,
+                               f"{speed['channels-first']:.1f}", *ratio_cells(seconds[default], seconds["channels-first"]),
+                               f"{speed['EMA']:.1f}", *ratio_cells(seconds["EMA"], seconds[default])])
             if args.compile:
-                compile_rows.append([model, f"{speed['bf16']:.1f}", f"{speed['compiled']:.1f}",
-                                     *ratio_cells(seconds["compiled"], seconds["bf16"]),
-                                     f"{warmup_seconds['compiled']:.0f}", f"{warmup_seconds['bf16']:.0f}"])
+                compile_rows.append([model, f"{speed[default]:.1f}", f"{speed['compiled']:.1f}",
+                                     *ratio_cells(seconds["compiled"], seconds[default]),
+                                     f"{warmup_seconds['compiled']:.0f}", f"{warmup_seconds[default]:.0f}"])
             print(f"{model} done", flush=True)
 
     size = args.input_size or IMAGE_SIZE
@@ -165,8 +177,10 @@ def main() -> None:
     print(markdown_table(["model", "precision", "batch", "(a) Trainer", "(b) plain loop", "ratio a/b", "quartiles"],
                          overhead_rows))
     print()
-    print(markdown_table(["model", "fp32", "bf16", "bf16/fp32", "quartiles", "bf16 channels-first",
-                          "channels-last/first", "quartiles"], lever_rows))
+    print(f"Speed levers; channels-first, EMA and compiled at the default precision here, {precision}:\n")
+    print(markdown_table(["model", "fp32", "bf16", "bf16/fp32", "quartiles", "channels-first",
+                          "channels-last/first", "quartiles", "with EMA", "with/without EMA", "quartiles"],
+                         lever_rows))
     if compile_rows:
         print()
         print(markdown_table(["model", "eager", "compiled", "compiled/eager", "quartiles",
