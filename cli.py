@@ -13,7 +13,11 @@ EXIT_USAGE = 2
 
 
 class UserError(Exception):
-    """A problem the user can fix; the scripts print its message on one line and exit with code 2."""
+    """A problem the user can fix; the scripts print its message on one line and exit with code 2.
+
+    DataError and CheckpointError derive from it, so catching it imports neither their modules nor
+    Lightning: ``--help`` and a refused flag answer without the seconds that Lightning's import takes.
+    """
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -105,14 +109,11 @@ def resolve_precision(precision: str, accelerator: str) -> str:
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:
-    """Run ``main``; a UserError or a data error becomes one line on stderr and exit code 2.
+    """Run ``main``; a UserError (data and checkpoint errors included) becomes one line on stderr and exit code 2.
 
     ``--debug`` anywhere on the command line shows the traceback instead. A reader that stops early
     (``evaluate.py ... | head -1``) ends the run quietly with exit code 1, as other command-line tools do.
     """
-    from datamodules.errors import DataError
-    from lit_modules.checkpointing import CheckpointError
-
     arguments = list(sys.argv[1:] if argv is None else argv)
     try:
         status = main(arguments)
@@ -122,7 +123,7 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
         # Point stdout at /dev/null so the interpreter's own final flush does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
-    except (UserError, DataError, CheckpointError) as error:
+    except UserError as error:
         if "--debug" in arguments:
             traceback.print_exc()
         prog = Path(sys.argv[0]).name or "cli"

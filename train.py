@@ -450,6 +450,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resumed = read_lightning_checkpoint(ckpt_path)
         adopt_run_settings(args, given_flags(argv), resumed, ckpt_path)
         logdir = Path(args.logdir)
+    check_devices(args.accelerator, devices)
 
     import pytorch_lightning as pl
     from lightning_fabric.utilities.exceptions import MisconfigurationException
@@ -461,7 +462,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from lit_modules.callbacks import EMA_SUPPORTED
     from lit_modules.checkpointing import AtomicCheckpointIO
 
-    check_devices(args.accelerator, devices)
     if args.ema_decay and not EMA_SUPPORTED:
         raise UserError(f"--ema-decay needs pytorch-lightning 2.6 or newer; this is {pl.__version__}")
     pl.seed_everything(args.seed, workers=True, verbose=False)

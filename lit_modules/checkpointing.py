@@ -19,6 +19,7 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch import nn
 
+from cli import UserError
 from lit_modules.classifier import LitClassifier
 from models import list_models
 
@@ -27,7 +28,7 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used, with a one-line reason."""
 
 

@@ -101,6 +101,24 @@ def test_help_documents_every_flag_with_its_default():
         assert f"(default: {default})" in text
 
 
+@pytest.mark.parametrize(
+    "script, args",
+    [("train", ["--help"]), ("train", ["--devices", "two"]), ("train", ["--accelerator", "gpu", "--devices", "99"]),
+     ("evaluate", ["--help"]), ("predict", ["--help"]), ("export", ["--help"])],
+)
+def test_help_and_argument_errors_do_not_wait_for_lightning(script, args):
+    """Importing Lightning takes seconds; ``--help`` and a refused flag answer without it."""
+    code = (f"import sys; from cli import run_main; import {script}\n"
+            f"try: run_main({script}.main, {args!r})\n"
+            "except SystemExit: pass\n"
+            "print('pytorch_lightning' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines()[-1] == "False", result.stdout[-500:]
+    if args != ["--help"]:
+        assert "error:" in result.stderr
+
+
 def test_a_reader_that_stops_early_ends_the_script_quietly():
     """`evaluate.py ... | head -1`: the closed pipe gives exit code 1 and no traceback."""
     writes_a_lot = "import sys; from cli import run_main; sys.exit(run_main(lambda arguments: print('line\\n' * 100_000) or 0, []))"
