@@ -87,6 +87,14 @@ def str_to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text}")
 
 
+def require_file(path: str | Path) -> Path:
+    """``path`` as a Path, or a UserError at once when no such file exists (before any slow import)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such file")
+    return path
+
+
 def cpu_supports_bf16() -> bool:
     """True where the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX-BF16)."""
     try:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cli import ArgumentParser, non_negative_int, positive_int, run_main, str_to_bool, write_json_atomic
+from cli import ArgumentParser, non_negative_int, positive_int, require_file, run_main, str_to_bool, write_json_atomic
 
 
 def build_parser() -> ArgumentParser:
@@ -91,6 +91,7 @@ def format_report(accuracy: float, class_names: list[str], per_class: list[float
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    require_file(args.checkpoint)
     from datamodules import CIFAR10DataModule
     from datamodules.cifar10 import default_cache_dir
     from lit_modules.checkpointing import classifier_from_checkpoint, read_lightning_checkpoint

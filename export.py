@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from cli import ArgumentParser, UserError, positive_float, run_main
+from cli import ArgumentParser, UserError, positive_float, require_file, run_main
 
 FORMATS = ("onnx", "torchscript")
 
@@ -88,6 +88,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--out {out} is a folder; give a file name")
     if not out.parent.exists():
         raise UserError(f"--out {out}: the folder {out.parent} does not exist")
+    require_file(args.checkpoint)
 
     import torch
 

@@ -35,6 +35,7 @@ from cli import (
     non_negative_int,
     positive_float,
     positive_int,
+    require_file,
     resolve_precision,
     run_main,
     str_to_bool,
@@ -444,12 +445,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.ckpt_path is not None:
         if args.init_from:
             raise UserError("--ckpt-path resumes a run and --init-from starts a new one; give only one")
+        ckpt_path = find_last_checkpoint(logdir) if args.ckpt_path == "last" else require_file(args.ckpt_path)
         from lit_modules.checkpointing import read_lightning_checkpoint
 
-        ckpt_path = find_last_checkpoint(logdir) if args.ckpt_path == "last" else Path(args.ckpt_path)
         resumed = read_lightning_checkpoint(ckpt_path)
         adopt_run_settings(args, given_flags(argv), resumed, ckpt_path)
         logdir = Path(args.logdir)
+    if args.init_from:
+        require_file(args.init_from)
     check_devices(args.accelerator, devices)
 
     import pytorch_lightning as pl

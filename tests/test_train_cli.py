@@ -102,12 +102,22 @@ def test_help_documents_every_flag_with_its_default():
 
 
 @pytest.mark.parametrize(
-    "script, args",
-    [("train", ["--help"]), ("train", ["--devices", "two"]), ("train", ["--accelerator", "gpu", "--devices", "99"]),
-     ("evaluate", ["--help"]), ("predict", ["--help"]), ("export", ["--help"])],
+    "script, args, error",
+    [
+        ("train", ["--help"], None),
+        ("train", ["--devices", "two"], "--devices takes a count"),
+        ("train", ["--accelerator", "gpu", "--devices", "99"], "--accelerator gpu: no CUDA GPU"),
+        ("train", ["--ckpt-path", "missing.ckpt"], "missing.ckpt: no such file"),
+        ("train", ["--init-from", "missing.pt"], "missing.pt: no such file"),
+        ("evaluate", ["--help"], None),
+        ("evaluate", ["missing.ckpt"], "missing.ckpt: no such file"),
+        ("predict", ["--help"], None),
+        ("export", ["--help"], None),
+        ("export", ["missing.ckpt", "--format", "onnx", "--out", "missing.onnx"], "missing.ckpt: no such file"),
+    ],
 )
-def test_help_and_argument_errors_do_not_wait_for_lightning(script, args):
-    """Importing Lightning takes seconds; ``--help`` and a refused flag answer without it."""
+def test_help_and_refusals_do_not_wait_for_lightning(script, args, error):
+    """Importing Lightning takes seconds; ``--help``, a refused flag and a mistyped checkpoint path answer without it."""
     code = (f"import sys; from cli import run_main; import {script}\n"
             f"try: run_main({script}.main, {args!r})\n"
             "except SystemExit: pass\n"
@@ -115,8 +125,10 @@ def test_help_and_argument_errors_do_not_wait_for_lightning(script, args):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines()[-1] == "False", result.stdout[-500:]
-    if args != ["--help"]:
-        assert "error:" in result.stderr
+    if error is None:
+        assert result.stdout.startswith("usage:") and result.stderr == ""
+    else:
+        assert result.stderr.count("\n") == 1 and error in result.stderr, result.stderr
 
 
 def test_a_reader_that_stops_early_ends_the_script_quietly():
