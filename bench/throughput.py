@@ -125,6 +125,7 @@ def main() -> None:
     args = parser.parse_args()
     precision = resolve_precision("auto", "cpu")
     native_bf16 = precision == "bf16-mixed"
+    default = "bf16" if native_bf16 else "fp32"  # the variant at train.py's default precision
     if args.size_sweep:
         size_sweep(args, precision)
         return
@@ -145,7 +146,6 @@ def main() -> None:
                                   *ratio_cells(trainer_seconds, plain_seconds)])
 
             # The other levers are measured at train.py's default precision; bf16 only where it is native.
-            default = "bf16" if native_bf16 else "fp32"
             variants = {"fp32": PlainStep(model, "32-true", channels_last=True, input_size=args.input_size)}
             if native_bf16:
                 variants["bf16"] = PlainStep(model, "bf16-mixed", channels_last=True, input_size=args.input_size)
