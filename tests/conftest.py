@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -72,3 +73,35 @@ def best_checkpoint(trained_run) -> Path:
     run_dir, _ = trained_run
     (path,) = (run_dir / "checkpoints").glob("best-epoch=*.ckpt")
     return path
+
+
+DETERMINISTIC_RUN = ("--model", "resnet50_seed", "--epochs", "2", "--seed", "5", "--deterministic",
+                     "--log-every-n-steps", "1", *TINY_RUN)
+
+
+@dataclass
+class DeterministicRun:
+    weights: dict
+    losses: list[float]
+    test_line: str
+    run_dir: Path
+
+
+def deterministic_train(image_folder, logdir, cache) -> DeterministicRun:
+    """One ``--deterministic`` train.py run of DETERMINISTIC_RUN: final weights, per-step losses, the printed test line."""
+    import torch
+
+    from tests.helpers import run_script, scalar_tags
+
+    result = run_script("train.py", "--data-dir", image_folder, "--cache-dir", cache, "--logdir", logdir, *DETERMINISTIC_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = logdir / "version_0"
+    weights = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    return DeterministicRun(weights, scalar_tags(run_dir)["train/loss_step"], result.stdout.strip().splitlines()[-1], run_dir)
+
+
+@pytest.fixture(scope="session")
+def deterministic_run(image_folder, tmp_path_factory) -> DeterministicRun:
+    """One uninterrupted 2-epoch deterministic run: the reference for resumed, killed and repeated runs."""
+    root = tmp_path_factory.mktemp("deterministic")
+    return deterministic_train(image_folder, root / "logs", root / "cache")

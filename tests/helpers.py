@@ -23,6 +23,31 @@ def run_script(script: str, *args, cwd: Path | None = None, timeout: int = 300, 
     )
 
 
+def run_in_process(script: str, *args, monkeypatch, capsys) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` without a new interpreter: the script's ``main`` through ``run_main``, as its
+    ``__main__`` block calls it, with ``sys.argv`` as the script would see it.
+
+    For refusals that come before any training: a fresh interpreter spends seconds importing torch and
+    Lightning before it can refuse. The exit-code plumbing itself is tested through real subprocesses.
+    """
+    import importlib
+
+    from cli import run_main
+
+    arguments = [str(argument) for argument in args]
+    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *arguments])
+    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # what seeding sets, undone after the test
+        monkeypatch.delenv(name, raising=False)
+    module = importlib.import_module(Path(script).stem)
+    capsys.readouterr()
+    try:
+        code = run_main(module.main, arguments)
+    except SystemExit as stop:  # argparse refusing a flag
+        code = stop.code
+    out, err = capsys.readouterr()
+    return subprocess.CompletedProcess([script, *arguments], code, out, err)
+
+
 def scalar_tags(run_dir: Path) -> dict[str, list[float]]:
     """Every scalar series in the TensorBoard event files of ``run_dir``: tag -> values in step order."""
     from bench.runs import scalars

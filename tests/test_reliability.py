@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_RUN
-from tests.helpers import ROOT, assert_one_line_error, run_script, scalar_tags
+from tests.conftest import DETERMINISTIC_RUN, TINY_RUN, deterministic_train
+from tests.helpers import ROOT, assert_one_line_error, run_in_process, run_script, scalar_tags
 
 SMALL = ("--model", "resnet50_seed", "--precision", "32-true", *TINY_RUN)
 
@@ -78,7 +78,7 @@ def test_interrupted_run_resumes_to_the_planned_epoch_count(image_folder, tmp_pa
     logdir = tmp_path / "logs"
     # Batches of 4 make epochs of about a dozen steps, so the signal sent after step 4 lands mid-epoch.
     common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *SMALL, "--batch-size", "4"]
-    process = start_training(*common, "--epochs", "5", "--checkpoint-every-n-steps", "1")
+    process = start_training(*common, "--epochs", "3", "--checkpoint-every-n-steps", "1")
     last = logdir / "version_0" / "checkpoints" / "last.ckpt"
     seen = wait_for_step(last, 4, process)
     process.send_signal(stop_signal)
@@ -86,7 +86,7 @@ def test_interrupted_run_resumes_to_the_planned_epoch_count(image_folder, tmp_pa
     assert process.returncode == exit_code, stderr[-3000:]
     assert "Traceback" not in stderr
     interrupted = torch.load(last, map_location="cpu", weights_only=True)
-    assert interrupted["global_step"] >= seen and interrupted["epoch"] < 4
+    assert interrupted["global_step"] >= seen and interrupted["epoch"] < 2
     if stop_signal == signal.SIGTERM:
         assert "stopped by SIGTERM; resume with --ckpt-path" in stderr
         assert json.loads((logdir / "version_0" / "run_info.json").read_text())["status"] == "interrupted"
@@ -95,34 +95,14 @@ def test_interrupted_run_resumes_to_the_planned_epoch_count(image_folder, tmp_pa
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(p.name for p in logdir.iterdir()) == ["version_0"]
     final = torch.load(last, map_location="cpu", weights_only=True)
-    assert final["epoch"] == 4 and final["global_step"] >= 5 * 3
-    assert json.loads((logdir / "version_0" / "run_info.json").read_text())["epochs"] == 5
+    assert final["epoch"] == 2 and final["global_step"] >= 3 * 3
+    assert json.loads((logdir / "version_0" / "run_info.json").read_text())["epochs"] == 3
     # One validation per epoch, except (a known limitation, README "Reliability") when the stop landed
     # after an epoch's last training batch and before its validation: the resumed run goes on to the next epoch.
-    steps_per_epoch = final["global_step"] // 5
+    steps_per_epoch = final["global_step"] // 3
     between_training_and_validation = (
         interrupted["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == steps_per_epoch)
-    assert len(scalar_tags(logdir / "version_0")["val/acc"]) == 5 - between_training_and_validation
-
-
-DETERMINISTIC_RUN = ("--model", "resnet50_seed", "--epochs", "2", "--seed", "5", "--deterministic",
-                     "--log-every-n-steps", "1", *TINY_RUN)
-
-
-def deterministic_train(image_folder, logdir, cache) -> tuple[dict, list[float], str]:
-    """One ``--deterministic`` train.py run: (final weights, per-step losses, the printed test line)."""
-    result = run_script("train.py", "--data-dir", image_folder, "--cache-dir", cache, "--logdir", logdir, *DETERMINISTIC_RUN)
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = logdir / "version_0"
-    weights = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
-    return weights, scalar_tags(run_dir)["train/loss_step"], result.stdout.strip().splitlines()[-1]
-
-
-@pytest.fixture(scope="module")
-def deterministic_run(image_folder, tmp_path_factory):
-    """(weights, losses, test line) of one uninterrupted 2-epoch deterministic run, shared by two tests."""
-    root = tmp_path_factory.mktemp("deterministic")
-    return deterministic_train(image_folder, root / "logs", root / "cache")
+    assert len(scalar_tags(logdir / "version_0")["val/acc"]) == 3 - between_training_and_validation
 
 
 FAULT_RUNNER = textwrap.dedent(
@@ -152,7 +132,7 @@ def test_hard_kill_mid_epoch_resumes_to_the_uninterrupted_result(deterministic_r
     The resume names only where things are and how to run, not the recipe: model, epochs, seed, batch size and
     validation split come from the checkpoint.
     """
-    reference_weights, _, reference_line = deterministic_run
+    reference_weights, reference_line = deterministic_run.weights, deterministic_run.test_line
     logdir = tmp_path / "logs"
     common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *DETERMINISTIC_RUN]
     runner = tmp_path / "killed_train.py"
@@ -178,7 +158,7 @@ def test_hard_kill_mid_epoch_resumes_to_the_uninterrupted_result(deterministic_r
 
 def test_crash_mid_epoch_is_recorded_and_resumes_to_the_planned_epochs(deterministic_run, image_folder, tmp_path):
     """An exception in epoch 2 saves last.ckpt at the failing step, marks the run failed, and the resume finishes it."""
-    reference_weights, _, reference_line = deterministic_run
+    reference_weights, reference_line = deterministic_run.weights, deterministic_run.test_line
     logdir = tmp_path / "logs"
     location = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir]
     runner = tmp_path / "crashing_train.py"
@@ -209,14 +189,14 @@ def test_crash_mid_epoch_is_recorded_and_resumes_to_the_planned_epochs(determini
         ("failed", "RuntimeError: disk controller fault"), ("finished", None)]
 
 
-def test_resume_refuses_flags_that_differ_from_the_run(trained_run, image_folder, tmp_path):
+def test_resume_refuses_flags_that_differ_from_the_run(trained_run, image_folder, monkeypatch, capsys):
     """Recipe and data flags that contradict the checkpoint's run are refused, all named at once; nothing is written."""
     run_dir, _ = trained_run
     last = run_dir / "checkpoints" / "last.ckpt"
     before = hashlib.sha256(last.read_bytes()).hexdigest(), sorted(p.name for p in run_dir.parent.iterdir())
-    result = run_script("train.py", "--ckpt-path", last, "--data-dir", image_folder, "--logdir", run_dir.parent,
-                        "--lr", "0.05", "--val-size", "10", "--input-size", "32", "--seed", "7", "--batch-size", "16",
-                        "--limit-train-batches", "2", "--ema-decay", "0.9")
+    result = run_in_process("train.py", "--ckpt-path", last, "--data-dir", image_folder, "--logdir", run_dir.parent,
+                            "--lr", "0.05", "--val-size", "10", "--input-size", "32", "--seed", "7", "--batch-size", "16",
+                            "--limit-train-batches", "2", "--ema-decay", "0.9", monkeypatch=monkeypatch, capsys=capsys)
     assert_one_line_error(result, str(last), "--lr 0.1, not 0.05", "--val-size 20, not 10", "--input-size 48, not 32",
                           "--limit-train-batches 1.0, not 2", "--ema-decay 0.0, not 0.9", "leave those flags out")
     assert "--seed" not in result.stderr and "--batch-size" not in result.stderr  # given as the run had them
@@ -308,11 +288,11 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def test_unwritable_logdir_is_refused_before_training(image_folder, tmp_path):
+def test_unwritable_logdir_is_refused_before_training(image_folder, tmp_path, monkeypatch, capsys):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    result = run_script("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
-                        "--logdir", blocker / "logs", *SMALL)
+    result = run_in_process("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
+                            "--logdir", blocker / "logs", *SMALL, monkeypatch=monkeypatch, capsys=capsys)
     assert_one_line_error(result, f"--logdir {blocker / 'logs'} is not writable")
 
 
@@ -369,30 +349,31 @@ def script_arguments(script, path, image_folder, tmp_path):
     "script, kind",
     [("evaluate.py", kind) for kind in FRAGMENTS] + [("train.py", "truncated"), ("predict.py", "plain"), ("export.py", "text")],
 )
-def test_bad_checkpoints_get_one_line_and_exit_2(bad_checkpoints, image_folder, tmp_path, script, kind):
+def test_bad_checkpoints_get_one_line_and_exit_2(bad_checkpoints, image_folder, tmp_path, script, kind, monkeypatch, capsys):
     path = bad_checkpoints[kind]
-    result = run_script(script, *script_arguments(script, path, image_folder, tmp_path))
+    result = run_in_process(script, *script_arguments(script, path, image_folder, tmp_path),
+                            monkeypatch=monkeypatch, capsys=capsys)
     assert_one_line_error(result, str(path), FRAGMENTS[kind])
     assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "logs").exists()
 
 
-def test_debug_flag_shows_the_traceback(bad_checkpoints, image_folder):
-    result = run_script("evaluate.py", bad_checkpoints["text"], "--data-dir", image_folder, "--debug")
+def test_debug_flag_shows_the_traceback(bad_checkpoints, tmp_path):
+    result = run_script("export.py", bad_checkpoints["text"], "--format", "onnx", "--out", tmp_path / "model.onnx", "--debug")
     assert result.returncode == 2 and "Traceback" in result.stderr
+    assert FRAGMENTS["text"] in result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
-def test_gpu_without_a_gpu_is_one_line(image_folder, tmp_path):
-    result = run_script("train.py", "--accelerator", "gpu", "--data-dir", image_folder, "--cache-dir", tmp_path / "c",
-                        "--logdir", tmp_path / "logs", "--val-size", "20")
+def test_gpu_without_a_gpu_is_one_line(image_folder, tmp_path, monkeypatch, capsys):
+    result = run_in_process("train.py", "--accelerator", "gpu", "--data-dir", image_folder, "--cache-dir", tmp_path / "c",
+                            "--logdir", tmp_path / "logs", "--val-size", "20", monkeypatch=monkeypatch, capsys=capsys)
     assert_one_line_error(result, "--accelerator gpu: no CUDA GPU is available on this machine")
 
 
 def test_deterministic_runs_are_bit_identical(deterministic_run, image_folder, tmp_path):
-    weights_a, losses_a, line_a = deterministic_run
-    weights_b, losses_b, line_b = deterministic_train(image_folder, tmp_path / "logs", tmp_path / "cache")
-    assert len(losses_a) == 6 and losses_a == losses_b and line_a == line_b
-    assert all(torch.equal(weights_a[key], weights_b[key]) for key in weights_a)
+    first, second = deterministic_run, deterministic_train(image_folder, tmp_path / "logs", tmp_path / "cache")
+    assert len(first.losses) == 6 and first.losses == second.losses and first.test_line == second.test_line
+    assert all(torch.equal(first.weights[key], second.weights[key]) for key in first.weights)
 
 
 DDP_RUNNER = textwrap.dedent(

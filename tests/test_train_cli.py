@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_RUN
-from tests.helpers import ROOT, assert_one_line_error, run_script, scalar_tags
+from tests.helpers import ROOT, assert_one_line_error, run_in_process, run_script, scalar_tags
 
 
 def printed_test_accuracy(stdout: str) -> float:
@@ -179,9 +179,9 @@ def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
         (["--cutout", "33"], "--cutout: must be at most 32, the side of a CIFAR-10 image, got 33"),
     ],
 )
-def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path, image_folder):
-    result = run_script("train.py", "--logdir", tmp_path / "logs", "--data-dir", image_folder,
-                        "--cache-dir", tmp_path / "cache", *args)
+def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path, image_folder, monkeypatch, capsys):
+    result = run_in_process("train.py", "--logdir", tmp_path / "logs", "--data-dir", image_folder,
+                            "--cache-dir", tmp_path / "cache", *args, monkeypatch=monkeypatch, capsys=capsys)
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "logs").exists()
 
@@ -202,20 +202,26 @@ def make_unreadable_file(root):
     (root / "train" / "ship" / "0009.png").write_bytes(b"not a png")
 
 
+# The first case runs as the shell would (the exit code a user sees); the others call train.py's main directly.
 @pytest.mark.parametrize(
-    "prepare, fragments",
+    "prepare, fragments, in_subprocess",
     [
-        (lambda root: root.mkdir(), ["could not download CIFAR-10 into", "accepted layouts"]),
-        (make_nine_classes, ["found 9 class folders, missing truck", "accepted layouts"]),
-        (make_unreadable_file, ["ship/0009.png is not a readable image"]),
+        (lambda root: root.mkdir(), ["could not download CIFAR-10 into", "accepted layouts"], True),
+        (make_nine_classes, ["found 9 class folders, missing truck", "accepted layouts"], False),
+        (make_unreadable_file, ["ship/0009.png is not a readable image"], False),
     ],
 )
-def test_bad_data_gets_one_line_and_exit_2(tmp_path, prepare, fragments):
+def test_bad_data_gets_one_line_and_exit_2(tmp_path, prepare, fragments, in_subprocess, monkeypatch, capsys):
     data = tmp_path / "data"
     prepare(data)
+    arguments = ["--data-dir", data, "--cache-dir", tmp_path / "cache", "--logdir", tmp_path / "logs", *TINY_RUN]
     # An unreachable proxy keeps the download attempt offline even where a network exists.
     offline = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
-    result = run_script("train.py", "--data-dir", data, "--cache-dir", tmp_path / "cache", "--logdir",
-                        tmp_path / "logs", *TINY_RUN, env=offline)
+    if in_subprocess:
+        result = run_script("train.py", *arguments, env=offline)
+    else:
+        for name, value in offline.items():
+            monkeypatch.setenv(name, value)
+        result = run_in_process("train.py", *arguments, monkeypatch=monkeypatch, capsys=capsys)
     assert_one_line_error(result, str(data), *fragments)
     assert not (tmp_path / "logs").exists()

@@ -8,45 +8,43 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import TINY_RUN
-from tests.helpers import assert_one_line_error, run_script, scalar_tags
-
-RESUMABLE = ("--model", "resnet50_seed", "--precision", "32-true", "--seed", "3", "--log-every-n-steps", "1", *TINY_RUN)
-
+from tests.conftest import DETERMINISTIC_RUN, TINY_RUN
+from tests.helpers import assert_one_line_error, run_in_process, run_script, scalar_tags
 
 def final_weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_resume_continues_the_same_run_and_matches_an_uninterrupted_one(image_folder, tmp_path):
-    common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", *RESUMABLE]
-    straight = run_script("train.py", *common, "--logdir", tmp_path / "straight", "--epochs", "3")
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    first = run_script("train.py", *common, "--logdir", tmp_path / "split", "--epochs", "3", "--stop-after-epochs", "2")
+def test_resume_continues_the_same_run_and_matches_an_uninterrupted_one(deterministic_run, image_folder, tmp_path,
+                                                                         monkeypatch, capsys):
+    """Stopped after epoch 1 of 2 and resumed: the same curves, weights and test line as the uninterrupted run."""
+    common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", tmp_path / "split", *DETERMINISTIC_RUN]
+    first = run_script("train.py", *common, "--stop-after-epochs", "1")
     assert first.returncode == 0, first.stderr[-3000:]
-    assert json.loads((tmp_path / "split" / "version_0" / "run_info.json").read_text())["epochs"] == 2
-    resumed = run_script("train.py", *common, "--logdir", tmp_path / "split", "--ckpt-path", "last")
+    assert json.loads((tmp_path / "split" / "version_0" / "run_info.json").read_text())["epochs"] == 1
+    resumed = run_script("train.py", *common, "--ckpt-path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["version_0"]
-    split_tags, straight_tags = scalar_tags(tmp_path / "split" / "version_0"), scalar_tags(tmp_path / "straight" / "version_0")
-    assert len(split_tags["val/acc"]) == 3
+    split_tags, straight_tags = scalar_tags(tmp_path / "split" / "version_0"), scalar_tags(deterministic_run.run_dir)
+    assert len(split_tags["val/acc"]) == 2
     assert split_tags["train/loss_step"] == pytest.approx(straight_tags["train/loss_step"], abs=1e-6)
     assert split_tags["val/acc"] == pytest.approx(straight_tags["val/acc"], abs=1e-6)
-    assert resumed.stdout.strip().splitlines()[-1] == straight.stdout.strip().splitlines()[-1]
-    split_weights, straight_weights = final_weights(tmp_path / "split" / "version_0"), final_weights(tmp_path / "straight" / "version_0")
-    assert all(torch.equal(split_weights[key], straight_weights[key]) for key in straight_weights)
+    assert resumed.stdout.strip().splitlines()[-1] == deterministic_run.test_line
+    split_weights = final_weights(tmp_path / "split" / "version_0")
+    assert all(torch.equal(split_weights[key], deterministic_run.weights[key]) for key in deterministic_run.weights)
     checkpoint = torch.load(tmp_path / "split" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
-    assert checkpoint["epoch"] == 2 and checkpoint["global_step"] == 9  # 3 epochs of 3 steps
+    assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 6  # 2 epochs of 3 steps
 
-    other_plan = run_script("train.py", *common, "--logdir", tmp_path / "split", "--ckpt-path", "last", "--epochs", "5")
-    assert_one_line_error(other_plan, "planned for 3 epochs", "--epochs 3")
+    other_plan = run_in_process("train.py", *common, "--ckpt-path", "last", "--epochs", "5",
+                                monkeypatch=monkeypatch, capsys=capsys)
+    assert_one_line_error(other_plan, "planned for 2 epochs", "--epochs 2")
 
     # run_info.json keeps the first command line and records each launch; the pause between them is not running time.
     from bench.runs import run_summary, timestamp
 
     info = json.loads((tmp_path / "split" / "version_0" / "run_info.json").read_text())
-    assert "--stop-after-epochs 2" in info["command"] and info["status"] == "finished" and info["epochs"] == 3
+    assert "--stop-after-epochs 1" in info["command"] and info["status"] == "finished" and info["epochs"] == 2
     assert [("--ckpt-path last" in launch["command"], launch["status"]) for launch in info["launches"]] == [
         (False, "finished"), (True, "finished")]
     durations = [timestamp(launch["ended"]) - timestamp(launch["started"]) for launch in info["launches"]]
@@ -90,7 +88,7 @@ def test_init_strict_and_non_strict(best_checkpoint, tmp_path):
     assert torch.equal(model.conv1.weight, source["model.conv1.weight"])
 
 
-def test_init_from_on_the_command_line(best_checkpoint, image_folder, tmp_path):
+def test_init_from_on_the_command_line(best_checkpoint, image_folder, tmp_path, monkeypatch, capsys):
     """The seed's workflow in one command: load weights, train one epoch on the CPU, print the test accuracy."""
     common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", tmp_path / "logs", *TINY_RUN]
     result = run_script("train.py", "--init-from", best_checkpoint, "--epochs", "1", *common)
@@ -103,10 +101,10 @@ def test_init_from_on_the_command_line(best_checkpoint, image_folder, tmp_path):
     from models import get_model
 
     torch.save(get_model("vgg16").state_dict(), vgg)
-    refused = run_script("train.py", "--init-from", vgg, "--fast-dev-run", *common)
+    refused = run_in_process("train.py", "--init-from", vgg, "--fast-dev-run", *common, monkeypatch=monkeypatch, capsys=capsys)
     assert_one_line_error(refused, f"{vgg} does not fit --model", "missing: conv1.weight", "unexpected: features.0.weight")
-    loose = run_script("train.py", "--model", "vgg16", "--init-from", best_checkpoint, "--init-strict", "false",
-                       "--fast-dev-run", *common)
+    loose = run_in_process("train.py", "--model", "vgg16", "--init-from", best_checkpoint, "--init-strict", "false",
+                           "--fast-dev-run", *common, monkeypatch=monkeypatch, capsys=capsys)
     assert loose.returncode == 2 and "none of its weights fits" in loose.stderr
 
 
@@ -132,7 +130,7 @@ def test_evaluate_prints_and_writes_the_report(trained_run, best_checkpoint, ima
     assert data["test_time_flip"] is False and data["test_time_shift"] == 1 and np.array(data["confusion_matrix"]).sum() == 30
 
 
-def test_evaluate_refuses_a_recorded_data_folder_that_is_gone(best_checkpoint, image_folder, tmp_path):
+def test_evaluate_refuses_a_recorded_data_folder_that_is_gone(best_checkpoint, image_folder, tmp_path, monkeypatch, capsys):
     checkpoint = torch.load(best_checkpoint, map_location="cpu", weights_only=True)
     assert checkpoint["CIFAR10DataModule"]["data_dir"] == str(image_folder.resolve())
     gone = tmp_path / "moved-away"
@@ -140,7 +138,7 @@ def test_evaluate_refuses_a_recorded_data_folder_that_is_gone(best_checkpoint, i
     moved = tmp_path / "moved.ckpt"
     torch.save(checkpoint, moved)
 
-    refused = run_script("evaluate.py", moved)
+    refused = run_in_process("evaluate.py", moved, monkeypatch=monkeypatch, capsys=capsys)
     assert_one_line_error(refused, f"{moved} was trained on {gone}, which is not there", "--data-dir")
     assert not gone.exists()  # nothing was downloaded into it
     told = run_script("evaluate.py", moved, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache")
