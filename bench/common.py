@@ -1,17 +1,30 @@
-"""Shared pieces of the benchmarks: synthetic in-memory data and a plain PyTorch training loop."""
+"""Shared pieces of the benchmarks: synthetic in-memory data, a plain PyTorch training loop, and the Trainer's step times."""
 
 from __future__ import annotations
 
 import contextlib
 import statistics
+import sys
 import time
 
+import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from datamodules import CIFAR10DataModule
 from datamodules.transforms import normalize, train_augment
+from lit_modules import LitClassifier
 from lit_modules.classifier import split_decay_groups
-from models import InputResize, get_model
+from models import InputResize, get_model, list_models
+
+
+def check_model_names(names: list[str], prog: str) -> None:
+    """Exit with one line and code 2 when a name in ``--models`` is not a registered model."""
+    unknown = [name for name in names if name not in list_models()]
+    if unknown:
+        print(f"{prog}: error: --models: unknown model {', '.join(unknown)}; choose from {', '.join(list_models())}",
+              file=sys.stderr)
+        sys.exit(2)
 
 
 def synthetic_images(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -128,3 +141,54 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+class PlainStepBetweenBatches(pl.Callback):
+    """After each Trainer step, one plain-loop step; records both steps' seconds from batch ``warmup`` on.
+
+    The Trainer fetches a batch and runs the batch transform before that batch's
+    start, so the span from one batch's start to the next holds one whole Trainer
+    step plus the plain step run at its end. The trial runs one batch more than it
+    times, to close the last span.
+    """
+
+    def __init__(self, plain_step: PlainStep, batch_size: int, warmup: int, steps: int) -> None:
+        self.plain_step, self.warmup, self.steps = plain_step, warmup, steps
+        self.images, self.labels = synthetic_images(batch_size, seed=1)
+        self.starts: list[float] = []
+        self.plain_seconds: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx >= self.warmup:
+            self.starts.append(time.perf_counter())
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx >= self.warmup + self.steps:
+            return
+        seconds = self.plain_step(self.images, self.labels)
+        if batch_idx >= self.warmup:
+            self.plain_seconds.append(seconds)
+
+    @property
+    def trainer_seconds(self) -> list[float]:
+        spans = [end - start for start, end in zip(self.starts, self.starts[1:])]
+        return [span - plain for span, plain in zip(spans, self.plain_seconds, strict=True)]
+
+
+def trainer_and_plain_step_seconds(model_name: str, batch_size: int, steps: int, warmup: int, precision: str,
+                                   logdir: str, input_size: int | None = None) -> tuple[list[float], list[float]]:
+    """Seconds of each timed step of LitClassifier in the Trainer (set up as train.py sets it up) and of the plain loop."""
+    images, labels = synthetic_images(batch_size * (steps + warmup + 1) + 1)
+    arrays = {"train_images": images, "train_labels": labels, "test_images": images[:1], "test_labels": labels[:1]}
+    datamodule = CIFAR10DataModule.from_arrays(arrays, batch_size=batch_size, val_size=1, channels_last=True)
+    module = LitClassifier(model_name, lr=0.01, label_smoothing=0.1, channels_last=True, input_size=input_size)
+    turns = PlainStepBetweenBatches(PlainStep(model_name, precision, channels_last=True, input_size=input_size),
+                                    batch_size, warmup, steps)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, precision=precision, max_epochs=1, limit_val_batches=0,
+        logger=pl.loggers.TensorBoardLogger(logdir, name="", default_hp_metric=False), log_every_n_steps=50,
+        callbacks=[turns, pl.callbacks.TQDMProgressBar(refresh_rate=20)], enable_checkpointing=False,
+        enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, datamodule=datamodule)
+    return turns.trainer_seconds, turns.plain_seconds

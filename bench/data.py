@@ -10,18 +10,16 @@ the fastest model trains, so that data never limits training. Run by hand.
 
 from __future__ import annotations
 
-import argparse
 import time
 
-import torch
-
 import _path  # noqa: F401  (puts the project root on sys.path)
-from bench.common import markdown_table, median, median_step_throughput, plain_loop_step_seconds, synthetic_images
-from cli import resolve_precision
-from datamodules import CIFAR10DataModule
+from cli import ArgumentParser, positive_int, resolve_precision
 
 
 def data_path_throughput(batch_size: int, images_per_trial: int) -> float:
+    from bench.common import synthetic_images
+    from datamodules import CIFAR10DataModule
+
     images, labels = synthetic_images(images_per_trial + 1)
     arrays = {"train_images": images, "train_labels": labels, "test_images": images[:1], "test_labels": labels[:1]}
     datamodule = CIFAR10DataModule.from_arrays(arrays, batch_size=batch_size, val_size=1, channels_last=True)
@@ -42,13 +40,23 @@ def data_path_throughput(batch_size: int, images_per_trial: int) -> float:
     return count / (time.perf_counter() - start)
 
 
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per batch, data path and training")
+    parser.add_argument("--images", type=positive_int, default=45_000, help="images per data-path trial (one epoch)")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="trials of each measurement; medians are printed")
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"],
+                        help="models whose training speed the data path must exceed 20x")
+    return parser
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--images", type=int, default=45_000, help="images per data-path trial (one epoch)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"])
-    args = parser.parse_args()
+    args = build_parser().parse_args()  # --help and a mistyped flag answer before the slow imports below
+    import torch
+
+    from bench.common import check_model_names, markdown_table, median, median_step_throughput, plain_loop_step_seconds
+
+    check_model_names(args.models, "data.py")
     torch.manual_seed(0)
     precision = resolve_precision("auto", "cpu")
     data = [data_path_throughput(args.batch_size, args.images) for _ in range(args.repeats)]

@@ -10,25 +10,26 @@ since the same CPU has run at different speeds on different days.
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from bench.runs import run_summary, running_minutes  # noqa: E402
+from cli import ArgumentParser
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="lightning_logs/version_N folders")
-    parser.add_argument("--out", type=Path, default=Path("docs/val_acc_vs_time.png"))
-    parser.add_argument("--title", default="CIFAR-10 (JPEG copy): validation accuracy against wall time")
+    parser.add_argument("--out", type=Path, default=Path("docs/val_acc_vs_time.png"), help="the PNG to write")
+    parser.add_argument("--title", default="CIFAR-10 (JPEG copy): validation accuracy against wall time",
+                        help="the figure's title")
     args = parser.parse_args()
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from bench.runs import run_summary, running_minutes
 
     figure, axes = plt.subplots(figsize=(8, 5))
     # The default cycle repeats after 10 colours; 20 distinct ones, and dashes for VGG-16, keep every curve apart.

@@ -5,14 +5,11 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-
-from bench.common import markdown_table
-from bench.runs import run_summary
+from cli import ArgumentParser
 
 
 def percent(value) -> str:
@@ -24,9 +21,12 @@ def cell(value) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="lightning_logs/version_N folders")
     args = parser.parse_args()
+    from bench.common import markdown_table
+    from bench.runs import run_summary
+
     rows = []
     for run_dir in args.runs:
         s = run_summary(run_dir)

@@ -32,73 +32,12 @@ memory (speed does not depend on pixel values). Run by hand, not in CI.
 
 from __future__ import annotations
 
-import argparse
 import tempfile
-import time
-
-import pytorch_lightning as pl
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-from bench.common import (PlainStep, interleaved_step_seconds, markdown_table, median_step_throughput,
-                          paired_ratios, quartiles, synthetic_images)
-from cli import resolve_precision
-from datamodules import CIFAR10DataModule
-from datamodules.cifar10 import IMAGE_SIZE
-from lit_modules import LitClassifier
-
+from cli import ArgumentParser, non_negative_int, positive_int, resolve_precision
 
 NO_NATIVE_BF16 = "no native bf16"  # the bf16 cell where this CPU has no bf16 instructions (auto picks fp32)
-
-
-class PlainStepBetweenBatches(pl.Callback):
-    """After each Trainer step, one plain-loop step; records both steps' seconds from batch ``warmup`` on.
-
-    The Trainer fetches a batch and runs the batch transform before that batch's
-    start, so the span from one batch's start to the next holds one whole Trainer
-    step plus the plain step run at its end. The trial runs one batch more than it
-    times, to close the last span.
-    """
-
-    def __init__(self, plain_step: PlainStep, batch_size: int, warmup: int, steps: int) -> None:
-        self.plain_step, self.warmup, self.steps = plain_step, warmup, steps
-        self.images, self.labels = synthetic_images(batch_size, seed=1)
-        self.starts: list[float] = []
-        self.plain_seconds: list[float] = []
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if batch_idx >= self.warmup:
-            self.starts.append(time.perf_counter())
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if batch_idx >= self.warmup + self.steps:
-            return
-        seconds = self.plain_step(self.images, self.labels)
-        if batch_idx >= self.warmup:
-            self.plain_seconds.append(seconds)
-
-    @property
-    def trainer_seconds(self) -> list[float]:
-        spans = [end - start for start, end in zip(self.starts, self.starts[1:])]
-        return [span - plain for span, plain in zip(spans, self.plain_seconds, strict=True)]
-
-
-def trainer_and_plain_step_seconds(model_name: str, batch_size: int, steps: int, warmup: int, precision: str,
-                                   logdir: str, input_size: int | None = None) -> tuple[list[float], list[float]]:
-    """Seconds of each timed step of LitClassifier in the Trainer (set up as train.py sets it up) and of the plain loop."""
-    images, labels = synthetic_images(batch_size * (steps + warmup + 1) + 1)
-    arrays = {"train_images": images, "train_labels": labels, "test_images": images[:1], "test_labels": labels[:1]}
-    datamodule = CIFAR10DataModule.from_arrays(arrays, batch_size=batch_size, val_size=1, channels_last=True)
-    module = LitClassifier(model_name, lr=0.01, label_smoothing=0.1, channels_last=True, input_size=input_size)
-    turns = PlainStepBetweenBatches(PlainStep(model_name, precision, channels_last=True, input_size=input_size),
-                                    batch_size, warmup, steps)
-    trainer = pl.Trainer(
-        accelerator="cpu", devices=1, precision=precision, max_epochs=1, limit_val_batches=0,
-        logger=pl.loggers.TensorBoardLogger(logdir, name="", default_hp_metric=False), log_every_n_steps=50,
-        callbacks=[turns, pl.callbacks.TQDMProgressBar(refresh_rate=20)], enable_checkpointing=False,
-        enable_model_summary=False, num_sanity_val_steps=0,
-    )
-    trainer.fit(module, datamodule=datamodule)
-    return turns.trainer_seconds, turns.plain_seconds
 
 
 def ratio_cells(variant: list[float], reference: list[float]) -> list[str]:
@@ -107,22 +46,33 @@ def ratio_cells(variant: list[float], reference: list[float]) -> list[str]:
     Both are step seconds of the same rounds; a step's speed ratio is the reference's
     seconds over the variant's (above 1 when the variant is faster).
     """
+    from bench.common import paired_ratios, quartiles
+
     low, middle, high = quartiles(paired_ratios(reference, variant))
     return [f"{middle:.3f}", f"{low:.3f}-{high:.3f}"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"])
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per Trainer; the levers take steps x repeats rounds")
-    parser.add_argument("--warmup", type=int, default=3, help="untimed steps (rounds) before timing starts")
-    parser.add_argument("--repeats", type=int, default=3, help="fresh Trainers, each for --steps timed steps")
+def build_parser() -> ArgumentParser:
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["resnet50", "vgg16"], help="models to time, one after another")
+    parser.add_argument("--batch-size", type=positive_int, default=128, help="images per training step")
+    parser.add_argument("--steps", type=positive_int, default=10, help="timed steps per Trainer; the levers take steps x repeats rounds")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps (rounds) before timing starts")
+    parser.add_argument("--repeats", type=positive_int, default=3, help="fresh Trainers, each for --steps timed steps")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd model (minutes more)")
-    parser.add_argument("--input-size", type=int, default=None, help="resize batches to this size (default: 32, as stored)")
-    parser.add_argument("--size-sweep", type=int, nargs="+", default=None, metavar="SIZE",
+    parser.add_argument("--input-size", type=positive_int, default=None, help="resize batches to this size (default: 32, as stored)")
+    parser.add_argument("--size-sweep", type=positive_int, nargs="+", default=None, metavar="SIZE",
                         help="instead: the plain loop's images/s (default precision) at each input size, taking turns step by step")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> None:
+    args = build_parser().parse_args()  # --help and a mistyped flag answer before the slow imports below
+    from bench.common import (PlainStep, check_model_names, interleaved_step_seconds, markdown_table,
+                              median_step_throughput, trainer_and_plain_step_seconds)
+    from datamodules.cifar10 import IMAGE_SIZE
+
+    check_model_names(args.models, "throughput.py")
     precision = resolve_precision("auto", "cpu")
     native_bf16 = precision == "bf16-mixed"
     default = "bf16" if native_bf16 else "fp32"  # the variant at train.py's default precision
@@ -189,6 +139,8 @@ def main() -> None:
 
 
 def size_sweep(args, precision: str) -> None:
+    from bench.common import PlainStep, interleaved_step_seconds, markdown_table, median_step_throughput
+
     rows = []
     for model in args.models:
         variants = {size: PlainStep(model, precision, channels_last=True, input_size=size) for size in args.size_sweep}

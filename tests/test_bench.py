@@ -1,7 +1,13 @@
 """The throughput benchmark runs end to end and prints well-formed ratio tables (its speeds are not asserted)."""
 
+import runpy
+import subprocess
+import sys
+
+import pytest
+
 from cli import resolve_precision
-from tests.helpers import run_script
+from tests.helpers import ROOT, run_script
 
 TINY = ("--models", "resnet50_seed", "--steps", "2", "--warmup", "1", "--repeats", "1", "--batch-size", "8")
 
@@ -48,3 +54,38 @@ def test_size_sweep_gives_the_first_size_a_cost_of_one():
     assert (base["input"], larger["input"]) == ("32x32", "48x48")
     assert base["time per image vs 32x32"] == "1.000" and base["quartiles"] == "1.000-1.000"
     assert_ratio_within_quartiles(larger["time per image vs 32x32"], larger["quartiles"])
+
+
+@pytest.mark.parametrize("script, a_default", [("throughput", "(default: 128)"), ("data", "(default: 45000)"),
+                                               ("plot_results", "(default: docs/val_acc_vs_time.png)"),
+                                               ("summarize", "lightning_logs/version_N folders")])
+def test_help_answers_without_importing_torch(script, a_default):
+    """The benchmarks import torch and Lightning (seconds) only after their flags are read."""
+    code = ("import runpy, sys\n"
+            f"sys.path.insert(0, 'bench'); sys.argv = ['bench/{script}.py', '--help']\n"
+            "try: runpy.run_path(sys.argv[0], run_name='__main__')\n"
+            "except SystemExit as stop: assert stop.code == 0, stop.code\n"
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"usage: {script}.py") and a_default in " ".join(result.stdout.split())
+    assert result.stdout.splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize(
+    "script, args, fragment",
+    [
+        ("throughput", ["--models", "resnet18"], "--models: unknown model resnet18; choose from resnet50, resnet50_seed, vgg16"),
+        ("data", ["--models", "resnet50", "vgg19"], "--models: unknown model vgg19"),
+        ("throughput", ["--steps", "0"], "--steps: must be a positive integer, got 0"),
+        ("data", ["--batch-size", "-8"], "--batch-size: must be a positive integer, got -8"),
+    ],
+)
+def test_bad_flags_get_one_line_and_exit_2(script, args, fragment, monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    monkeypatch.setattr(sys, "argv", [f"bench/{script}.py", *args])
+    with pytest.raises(SystemExit) as stopped:
+        runpy.run_path(str(ROOT / "bench" / f"{script}.py"), run_name="__main__")
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"{script}.py: error: ") and fragment in lines[0], lines
