@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 EXIT_USAGE = 2
+DEFAULT_DATA_DIR = "./data"  # where CIFAR-10 is looked for, and downloaded when absent, unless told otherwise
 
 
 class UserError(Exception):

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cli import ArgumentParser, non_negative_int, positive_int, require_file, run_main, str_to_bool, write_json_atomic
+from cli import DEFAULT_DATA_DIR, ArgumentParser, non_negative_int, positive_int, require_file, run_main, str_to_bool, write_json_atomic
 
 
 def build_parser() -> ArgumentParser:
@@ -99,7 +99,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint = read_lightning_checkpoint(args.checkpoint)
     module = classifier_from_checkpoint(checkpoint, args.checkpoint)
     data_dir, cache_dir = CIFAR10DataModule.run_location(checkpoint, args.checkpoint, args.data_dir, args.cache_dir)
-    data_dir, cache_dir = data_dir or "./data", cache_dir or default_cache_dir()
+    data_dir, cache_dir = data_dir or DEFAULT_DATA_DIR, cache_dir or default_cache_dir()
     del checkpoint  # a second copy of the weights
     if args.test_time_flip is not None:
         module.hparams.test_time_flip = args.test_time_flip

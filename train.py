@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cli import (
+    DEFAULT_DATA_DIR,
     RUN_INFO_TIME_FORMAT,
     ArgumentParser,
     UserError,
@@ -77,7 +78,7 @@ def build_parser() -> ArgumentParser:
                        help="with --init-from: refuse missing, unexpected or misshapen weights (false: load what fits)")
 
     data = parser.add_argument_group("data")
-    data.add_argument("--data-dir", default="./data",
+    data.add_argument("--data-dir", default=DEFAULT_DATA_DIR,
                       help="image folder (train/<class>/, test/<class>/) or the official CIFAR-10 folder; downloaded when empty")
     data.add_argument("--cache-dir", default=None,
                       help="where decoded images are cached (default: $CIFAR10_CACHE_DIR or ~/.cache/cifar10-lightning)")

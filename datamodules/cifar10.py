@@ -44,6 +44,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
+from cli import DEFAULT_DATA_DIR
 from datamodules.errors import DataError
 from datamodules.transforms import normalize, train_augment
 
@@ -291,7 +292,7 @@ class CIFAR10DataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        data_dir: str | Path = "./data",
+        data_dir: str | Path = DEFAULT_DATA_DIR,
         batch_size: int = 256,
         num_workers: int = 0,
         val_size: int = 5000,
