@@ -40,7 +40,9 @@ def read_checkpoint(path: str | Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle of something else, plain text, ...
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        # The first sentence of torch's reason: its longer messages go on to advice about unpickling code.
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".")
+        reason = reason if len(reason) <= 160 else reason[:157] + "..."
         raise CheckpointError(
             f"{path} is not a readable PyTorch checkpoint ({reason}); it may be truncated or another kind of file"
         ) from None

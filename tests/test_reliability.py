@@ -3,6 +3,7 @@
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -315,6 +316,8 @@ def bad_checkpoints(best_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad_checkpoints")
     text = folder / "notes.ckpt"
     text.write_text("these are not weights")
+    markdown = folder / "results.md"  # torch's reason for this one is a paragraph of advice
+    markdown.write_text("# Results\n\nThe run reached 90 %.\n")
     truncated = folder / "truncated.ckpt"
     data = best_checkpoint.read_bytes()
     truncated.write_bytes(data[: len(data) // 2])
@@ -324,11 +327,12 @@ def bad_checkpoints(best_checkpoint, tmp_path_factory):
     checkpoint = torch.load(best_checkpoint, map_location="cpu", weights_only=True)
     checkpoint["hyper_parameters"]["model_name"] = "efficientnet_b0"
     torch.save(checkpoint, foreign)
-    return {"text": text, "truncated": truncated, "plain": plain, "foreign": foreign}
+    return {"text": text, "markdown": markdown, "truncated": truncated, "plain": plain, "foreign": foreign}
 
 
 FRAGMENTS = {
     "text": "is not a readable PyTorch checkpoint",
+    "markdown": "is not a readable PyTorch checkpoint",
     "truncated": "is not a readable PyTorch checkpoint",
     "plain": "is not a train.py checkpoint",
     "foreign": "unknown architecture 'efficientnet_b0'",
@@ -354,6 +358,9 @@ def test_bad_checkpoints_get_one_line_and_exit_2(bad_checkpoints, image_folder, 
     result = run_in_process(script, *script_arguments(script, path, image_folder, tmp_path),
                             monkeypatch=monkeypatch, capsys=capsys)
     assert_one_line_error(result, str(path), FRAGMENTS[kind])
+    reason = re.search(r"\((.*)\); it may be truncated", result.stderr)
+    if reason:  # the library's reason is cut to its first sentence, never mid-word
+        assert ". " not in reason.group(1) and len(reason.group(1)) <= 160, reason.group(1)
     assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "logs").exists()
 
 
