@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import sys
 import time
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
+from cli import exit_with_error
 from datamodules import CIFAR10DataModule
 from datamodules.transforms import normalize, train_augment
 from lit_modules import LitClassifier
@@ -22,9 +22,7 @@ def check_model_names(names: list[str], prog: str) -> None:
     """Exit with one line and code 2 when a name in ``--models`` is not a registered model."""
     unknown = [name for name in names if name not in list_models()]
     if unknown:
-        print(f"{prog}: error: --models: unknown model {', '.join(unknown)}; choose from {', '.join(list_models())}",
-              file=sys.stderr)
-        sys.exit(2)
+        exit_with_error(prog, f"--models: unknown model {', '.join(unknown)}; choose from {', '.join(list_models())}")
 
 
 def synthetic_images(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-from cli import ArgumentParser
+from cli import ArgumentParser, exit_with_error
 
 
 def main() -> None:
@@ -35,12 +35,12 @@ def main() -> None:
     # The default cycle repeats after 10 colours; 20 distinct ones, and dashes for VGG-16, keep every curve apart.
     # tab20 comes in dark/light pairs of one hue: the 10 dark ones first, so that neighbouring runs differ in hue.
     colours = plt.get_cmap("tab20").colors[0::2] + plt.get_cmap("tab20").colors[1::2]
-    drawn = 0
+    drawn, skipped = 0, []
     for index, run_dir in enumerate(args.runs):
         summary = run_summary(run_dir)
         points = summary["val_acc_points"]
         if not points:  # not a run folder, or a run without validation (--val-size 0)
-            print(f"plot_results.py: skipped {run_dir}: no val/acc in its TensorBoard events", file=sys.stderr)
+            skipped.append(str(run_dir))
             continue
         drawn += 1
         spans = summary["spans"] or [(points[0][0], float("inf"))]  # no run_info.json: time from the first point
@@ -57,8 +57,11 @@ def main() -> None:
             axes.plot([summary["wall_minutes"]], [100 * summary["test_acc"]], marker="*", markersize=11, color=colour,
                       linestyle="none")
     if not drawn:
-        sys.exit(f"plot_results.py: none of {len(args.runs)} folder(s) holds a val/acc curve; "
-                 "give lightning_logs/version_N folders of runs with validation")
+        named = f"{skipped[0]} holds no" if len(skipped) == 1 else f"none of {', '.join(skipped)} holds a"
+        exit_with_error("plot_results.py", f"{named} val/acc curve in TensorBoard events; "
+                        "give lightning_logs/version_N folders of runs with validation")
+    for run_dir in skipped:
+        print(f"plot_results.py: skipped {run_dir}: no val/acc in its TensorBoard events", file=sys.stderr)
     for level in (80, 85, 90):
         axes.axhline(level, color="grey", linewidth=0.5, linestyle="--")
     axes.set_xlabel("wall time since start (minutes)")

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-from cli import ArgumentParser
+from cli import ArgumentParser, exit_with_error
 
 
 def percent(value) -> str:
@@ -27,12 +27,11 @@ def main() -> None:
     from bench.common import markdown_table
     from bench.runs import run_summary
 
-    rows = []
+    rows, skipped = [], []
     for run_dir in args.runs:
         s = run_summary(run_dir)
         if s["model"] is None and s["command"] is None:  # neither hparams.yaml nor run_info.json
-            print(f"summarize.py: skipped {run_dir}: not a train.py run folder (no hparams.yaml or run_info.json)",
-                  file=sys.stderr)
+            skipped.append(str(run_dir))
             continue
         rows.append([
             cell(s["model"]), cell(s["stem"]), f"{s['optimizer']} lr {s['lr']}, {s['input_size']} px", cell(s["epochs"]),
@@ -41,9 +40,12 @@ def main() -> None:
             "-" if s["median_epoch_seconds"] is None else f"{s['median_epoch_seconds']:.0f} s",
             percent(s["best_val_acc"]), percent(s["test_acc"]), s["run"], f"`{s['command']}`" if s["command"] else "-",
         ])
+    reason = "(no hparams.yaml or run_info.json)"
     if not rows:
-        sys.exit(f"summarize.py: none of {len(args.runs)} folder(s) is a train.py run; "
-                 "give lightning_logs/version_N folders")
+        named = f"{skipped[0]} is not" if len(skipped) == 1 else f"none of {', '.join(skipped)} is"
+        exit_with_error("summarize.py", f"{named} a train.py run folder {reason}; give lightning_logs/version_N folders")
+    for run_dir in skipped:
+        print(f"summarize.py: skipped {run_dir}: not a train.py run folder {reason}", file=sys.stderr)
     print(markdown_table(["model", "stem", "recipe", "epochs", "precision", "wall time", "epoch (median)",
                           "best val acc %", "test acc %", "log", "command"], rows))
 

@@ -1,13 +1,12 @@
 """The throughput benchmark runs end to end and prints well-formed ratio tables (its speeds are not asserted)."""
 
-import runpy
 import subprocess
 import sys
 
 import pytest
 
 from cli import resolve_precision
-from tests.helpers import ROOT, run_script
+from tests.helpers import ROOT, assert_one_line_error, run_in_process, run_script
 
 TINY = ("--models", "resnet50_seed", "--steps", "2", "--warmup", "1", "--repeats", "1", "--batch-size", "8")
 
@@ -82,10 +81,5 @@ def test_help_answers_without_importing_torch(script, a_default):
     ],
 )
 def test_bad_flags_get_one_line_and_exit_2(script, args, fragment, monkeypatch, capsys):
-    monkeypatch.syspath_prepend(str(ROOT / "bench"))
-    monkeypatch.setattr(sys, "argv", [f"bench/{script}.py", *args])
-    with pytest.raises(SystemExit) as stopped:
-        runpy.run_path(str(ROOT / "bench" / f"{script}.py"), run_name="__main__")
-    assert stopped.value.code == 2
-    lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"{script}.py: error: ") and fragment in lines[0], lines
+    result = run_in_process(f"bench/{script}.py", *args, monkeypatch=monkeypatch, capsys=capsys)
+    assert_one_line_error(result, f"{script}.py: error: ", fragment)

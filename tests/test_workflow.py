@@ -256,7 +256,7 @@ def test_tensorboard_gets_images_text_per_class_scalars_and_hparams(trained_run)
     assert tags["hp/test_acc"] == tags["test/acc"]
 
 
-def test_plot_results_draws_runs_into_a_png_and_refuses_folders_without_curves(trained_run, tmp_path):
+def test_plot_results_draws_runs_into_a_png_and_refuses_folders_without_curves(trained_run, tmp_path, monkeypatch, capsys):
     run_dir, _ = trained_run
     out = tmp_path / "plots" / "curves.png"
     drawn = run_script("bench/plot_results.py", run_dir, tmp_path, "--out", out)
@@ -266,12 +266,13 @@ def test_plot_results_draws_runs_into_a_png_and_refuses_folders_without_curves(t
     assert image.format == "PNG" and image.size == (880, 550)
     assert len(set(image.convert("RGB").getdata())) > 20  # axes, curve and legend, not a blank canvas
 
-    nothing = run_script("bench/plot_results.py", tmp_path, "--out", tmp_path / "empty.png")
-    assert nothing.returncode == 1 and "none of 1 folder(s) holds a val/acc curve" in nothing.stderr
+    nothing = run_in_process("bench/plot_results.py", tmp_path, "--out", tmp_path / "empty.png",
+                             monkeypatch=monkeypatch, capsys=capsys)
+    assert_one_line_error(nothing, f"plot_results.py: error: {tmp_path} holds no val/acc curve")
     assert not (tmp_path / "empty.png").exists()
 
 
-def test_summarize_prints_a_row_per_run_and_refuses_folders_that_are_not_runs(trained_run, tmp_path):
+def test_summarize_prints_a_row_per_run_and_refuses_folders_that_are_not_runs(trained_run, tmp_path, monkeypatch, capsys):
     run_dir, _ = trained_run
     table = run_script("bench/summarize.py", run_dir, tmp_path)
     assert table.returncode == 0, table.stderr[-3000:]
@@ -280,6 +281,6 @@ def test_summarize_prints_a_row_per_run_and_refuses_folders_that_are_not_runs(tr
     assert header.startswith("| model |") and len(rows) == 1
     assert rows[0].startswith("| resnet50 | imagenet |") and "train.py" in rows[0]
 
-    nothing = run_script("bench/summarize.py", tmp_path)
-    assert nothing.returncode == 1 and "none of 1 folder(s) is a train.py run" in nothing.stderr
+    nothing = run_in_process("bench/summarize.py", tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    assert_one_line_error(nothing, f"summarize.py: error: {tmp_path} is not a train.py run folder")
     assert nothing.stdout == ""
