@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 from pathlib import Path
-from typing import Callable, NoReturn, Sequence
+from typing import Callable, Sequence
 
 EXIT_USAGE = 2
 DEFAULT_DATA_DIR = "./data"  # where CIFAR-10 is looked for, and downloaded when absent, unless told otherwise
@@ -30,12 +30,6 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):  # noqa: D401 - argparse's API
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def exit_with_error(prog: str, message: str) -> NoReturn:
-    """For scripts outside ``run_main``: ``PROG: error: MESSAGE`` on stderr and exit code 2."""
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    sys.exit(EXIT_USAGE)
 
 
 def positive_int(text: str) -> int:

@@ -10,7 +10,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from cli import exit_with_error
+from cli import UserError
 from datamodules import CIFAR10DataModule
 from datamodules.transforms import normalize, train_augment
 from lit_modules import LitClassifier
@@ -18,11 +18,11 @@ from lit_modules.classifier import split_decay_groups
 from models import InputResize, get_model, list_models
 
 
-def check_model_names(names: list[str], prog: str) -> None:
-    """Exit with one line and code 2 when a name in ``--models`` is not a registered model."""
+def check_model_names(names: list[str]) -> None:
+    """A UserError (one line, exit code 2 through ``run_main``) when a name in ``--models`` is not a registered model."""
     unknown = [name for name in names if name not in list_models()]
     if unknown:
-        exit_with_error(prog, f"--models: unknown model {', '.join(unknown)}; choose from {', '.join(list_models())}")
+        raise UserError(f"--models: unknown model {', '.join(unknown)}; choose from {', '.join(list_models())}")
 
 
 def synthetic_images(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,10 +10,12 @@ the fastest model trains, so that data never limits training. Run by hand.
 
 from __future__ import annotations
 
+import sys
 import time
+from typing import Sequence
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-from cli import ArgumentParser, positive_int, resolve_precision
+from cli import ArgumentParser, positive_int, resolve_precision, run_main
 
 
 def data_path_throughput(batch_size: int, images_per_trial: int) -> float:
@@ -50,13 +52,13 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main() -> None:
-    args = build_parser().parse_args()  # --help and a mistyped flag answer before the slow imports below
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # --help and a mistyped flag answer before the slow imports below
     import torch
 
     from bench.common import check_model_names, markdown_table, median, median_step_throughput, plain_loop_step_seconds
 
-    check_model_names(args.models, "data.py")
+    check_model_names(args.models)
     torch.manual_seed(0)
     precision = resolve_precision("auto", "cpu")
     data = [data_path_throughput(args.batch_size, args.images) for _ in range(args.repeats)]
@@ -75,7 +77,8 @@ def main() -> None:
     print(markdown_table(["path", "images/s", "data path / this"], rows))
     ratio = median(data) / models[fastest]
     print(f"\nData path is {ratio:.0f}x the fastest model ({fastest}); required: at least 20x -> {'OK' if ratio >= 20 else 'TOO SLOW'}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -12,18 +12,19 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-from cli import ArgumentParser, exit_with_error
+from cli import ArgumentParser, UserError, run_main
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="lightning_logs/version_N folders")
     parser.add_argument("--out", type=Path, default=Path("docs/val_acc_vs_time.png"), help="the PNG to write")
     parser.add_argument("--title", default="CIFAR-10 (JPEG copy): validation accuracy against wall time",
                         help="the figure's title")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -58,7 +59,7 @@ def main() -> None:
                       linestyle="none")
     if not drawn:
         named = f"{skipped[0]} holds no" if len(skipped) == 1 else f"none of {', '.join(skipped)} holds a"
-        exit_with_error("plot_results.py", f"{named} val/acc curve in TensorBoard events; "
+        raise UserError(f"{named} val/acc curve in TensorBoard events; "
                         "give lightning_logs/version_N folders of runs with validation")
     for run_dir in skipped:
         print(f"plot_results.py: skipped {run_dir}: no val/acc in its TensorBoard events", file=sys.stderr)
@@ -73,7 +74,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

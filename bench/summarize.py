@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-from cli import ArgumentParser, exit_with_error
+from cli import ArgumentParser, UserError, run_main
 
 
 def percent(value) -> str:
@@ -20,10 +21,10 @@ def cell(value) -> str:
     return "-" if value is None else str(value)
 
 
-def main() -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="lightning_logs/version_N folders")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     from bench.common import markdown_table
     from bench.runs import run_summary
 
@@ -43,12 +44,13 @@ def main() -> None:
     reason = "(no hparams.yaml or run_info.json)"
     if not rows:
         named = f"{skipped[0]} is not" if len(skipped) == 1 else f"none of {', '.join(skipped)} is"
-        exit_with_error("summarize.py", f"{named} a train.py run folder {reason}; give lightning_logs/version_N folders")
+        raise UserError(f"{named} a train.py run folder {reason}; give lightning_logs/version_N folders")
     for run_dir in skipped:
         print(f"summarize.py: skipped {run_dir}: not a train.py run folder {reason}", file=sys.stderr)
     print(markdown_table(["model", "stem", "recipe", "epochs", "precision", "wall time", "epoch (median)",
                           "best val acc %", "test acc %", "log", "command"], rows))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

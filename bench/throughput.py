@@ -32,10 +32,12 @@ memory (speed does not depend on pixel values). Run by hand, not in CI.
 
 from __future__ import annotations
 
+import sys
 import tempfile
+from typing import Sequence
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-from cli import ArgumentParser, non_negative_int, positive_int, resolve_precision
+from cli import ArgumentParser, non_negative_int, positive_int, resolve_precision, run_main
 
 NO_NATIVE_BF16 = "no native bf16"  # the bf16 cell where this CPU has no bf16 instructions (auto picks fp32)
 
@@ -66,19 +68,19 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def main() -> None:
-    args = build_parser().parse_args()  # --help and a mistyped flag answer before the slow imports below
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)  # --help and a mistyped flag answer before the slow imports below
     from bench.common import (PlainStep, check_model_names, interleaved_step_seconds, markdown_table,
                               median_step_throughput, trainer_and_plain_step_seconds)
     from datamodules.cifar10 import IMAGE_SIZE
 
-    check_model_names(args.models, "throughput.py")
+    check_model_names(args.models)
     precision = resolve_precision("auto", "cpu")
     native_bf16 = precision == "bf16-mixed"
     default = "bf16" if native_bf16 else "fp32"  # the variant at train.py's default precision
     if args.size_sweep:
         size_sweep(args, precision)
-        return
+        return 0
     trial = dict(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, input_size=args.input_size)
 
     overhead_rows, lever_rows, compile_rows = [], [], []
@@ -136,6 +138,7 @@ def main() -> None:
         print(markdown_table(["model", "eager", "compiled", "compiled/eager", "quartiles",
                               f"compiled warm-up s ({args.warmup} steps)", f"eager warm-up s ({args.warmup} steps)"],
                              compile_rows))
+    return 0
 
 
 def size_sweep(args, precision: str) -> None:
@@ -157,4 +160,4 @@ def size_sweep(args, precision: str) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(run_main(main))

@@ -24,9 +24,8 @@ def run_script(script: str, *args, cwd: Path | None = None, timeout: int = 300, 
 
 
 def run_in_process(script: str, *args, monkeypatch, capsys) -> subprocess.CompletedProcess:
-    """``python SCRIPT ARGS`` without a new interpreter, with ``sys.argv`` as the script would see it: a
-    project script's ``main`` through ``run_main``, as its ``__main__`` block calls it; a ``bench/`` script run
-    as ``__main__``.
+    """``python SCRIPT ARGS`` without a new interpreter: the script's ``main`` through ``run_main``, as its
+    ``__main__`` block calls it, with ``sys.argv`` as the script would see it.
 
     For refusals that come before any training: a fresh interpreter spends seconds importing torch and
     Lightning before it can refuse. The exit-code plumbing itself is tested through real subprocesses.
@@ -40,15 +39,15 @@ def run_in_process(script: str, *args, monkeypatch, capsys) -> subprocess.Comple
     monkeypatch.setattr(sys, "argv", [str(ROOT / script), *arguments])
     for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # what seeding sets, undone after the test
         monkeypatch.delenv(name, raising=False)
+    if script.startswith("bench/"):  # loaded by path (``bench/data.py`` is no importable ``data``), not run
+        monkeypatch.syspath_prepend(str(ROOT / "bench"))
+        main = runpy.run_path(str(ROOT / script))["main"]
+    else:
+        main = importlib.import_module(Path(script).stem).main
     capsys.readouterr()
     try:
-        if script.startswith("bench/"):
-            monkeypatch.syspath_prepend(str(ROOT / "bench"))
-            runpy.run_path(str(ROOT / script), run_name="__main__")
-            code = 0
-        else:
-            code = run_main(importlib.import_module(Path(script).stem).main, arguments)
-    except SystemExit as stop:  # argparse refusing a flag, or a bench script's refusal
+        code = run_main(main, arguments)
+    except SystemExit as stop:  # argparse refusing a flag
         code = stop.code
     out, err = capsys.readouterr()
     return subprocess.CompletedProcess([script, *arguments], code, out, err)
