@@ -434,6 +434,12 @@ def read_run_info(path: Path) -> dict:
         return {}
 
 
+def mark_killed(launch: dict) -> dict:
+    """An earlier launch still ``running`` when its run is resumed ended without a record: killed outright (SIGKILL,
+    power loss). Its end time stays unknown; bench/runs.py ends it at its last TensorBoard event."""
+    return {**launch, "status": "killed"} if launch.get("status", "running") == "running" else launch
+
+
 def now() -> str:
     return time.strftime(RUN_INFO_TIME_FORMAT)
 
@@ -525,6 +531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "started": now(),
         "precision": precision,
         "resumed_from": str(ckpt_path) if ckpt_path else None,
+        "status": "running",
     }
     earlier = read_run_info(run_info_path) if ckpt_path and keeps_records else {}
     run_info = {
@@ -536,7 +543,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "versions": library_versions(),
         "status": "running",
         "started": earlier.get("started", launch["started"]),
-        "launches": [*launch_history(earlier), launch],
+        "launches": [*map(mark_killed, launch_history(earlier)), launch],
     }
 
     def record(status: str, **results) -> None:

@@ -138,12 +138,22 @@ def decode_images(paths: list[Path], num_threads: int | None = None) -> torch.Te
     return torch.from_numpy(stacked).permute(0, 3, 1, 2).contiguous()
 
 
-def _fingerprint(samples: list[tuple[Path, int]], root: Path) -> str:
-    digest = hashlib.sha256(str(root.resolve()).encode())
+def cache_file_name(samples: list[tuple[Path, int]], root: Path) -> str:
+    """``cifar10-<folder>-<contents>.pt``: one key for the folder's path, one for every file's name, label, size and mtime."""
+    folder = hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(folder.encode())
     for path, label in samples:
         stat = path.stat()
         digest.update(f"{path.relative_to(root)}|{label}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()[:24]
+    return f"cifar10-{folder}-{digest.hexdigest()[:16]}.pt"
+
+
+def remove_stale_cache_files(cache_file: Path) -> None:
+    """Delete the cache files of earlier contents of the same folder: a folder keeps one cache file, not one per change."""
+    folder_prefix = cache_file.name.rsplit("-", 1)[0]
+    for stale in cache_file.parent.glob(f"{folder_prefix}-*.pt"):
+        if stale != cache_file:
+            stale.unlink(missing_ok=True)
 
 
 def load_image_folder(data_dir: Path, cache_dir: Path | None) -> dict[str, torch.Tensor]:
@@ -151,8 +161,7 @@ def load_image_folder(data_dir: Path, cache_dir: Path | None) -> dict[str, torch
     splits = {split: _list_split(data_dir / split) for split in ("train", "test")}
     cache_file = None
     if cache_dir is not None:
-        key = _fingerprint(splits["train"] + splits["test"], data_dir)
-        cache_file = Path(cache_dir) / f"cifar10-{key}.pt"
+        cache_file = Path(cache_dir) / cache_file_name(splits["train"] + splits["test"], data_dir)
         if cache_file.is_file():
             try:
                 return torch.load(cache_file, weights_only=True)
@@ -168,6 +177,7 @@ def load_image_folder(data_dir: Path, cache_dir: Path | None) -> dict[str, torch
             partial = cache_file.with_suffix(f".tmp{os.getpid()}")
             torch.save(arrays, partial)
             os.replace(partial, cache_file)
+            remove_stale_cache_files(cache_file)
         except OSError:  # a read-only cache location only costs speed next time
             pass
     return arrays

@@ -137,10 +137,17 @@ def test_decoded_images_are_cached_outside_the_data_folder(tmp_path):
     assert sorted(p for p in data.rglob("*")) == before
     second = load_cifar10(data, cache_dir=cache)
     assert all(torch.equal(first[key], second[key]) for key in first)
-    # A changed file gives a new cache entry instead of stale images.
+    # A changed file gives a new cache entry instead of stale images, and the stale entry goes.
+    first_entry = next(cache.glob("cifar10-*.pt"))
     write_image_folder(data, 2, 1, seed=5)
     third = load_cifar10(data, cache_dir=cache)
     assert not torch.equal(first["train_images"], third["train_images"])
+    assert len(list(cache.glob("cifar10-*.pt"))) == 1 and not first_entry.exists()
+    # Another folder has an entry of its own, and leaves the first folder's in place.
+    other = write_image_folder(tmp_path / "other", 2, 1, seed=7)
+    load_cifar10(other, cache_dir=cache)
+    assert len(list(cache.glob("cifar10-*.pt"))) == 2
+    assert all(torch.equal(third[key], load_cifar10(data, cache_dir=cache)[key]) for key in third)
 
 
 def test_no_data_and_no_network_is_a_clear_error(tmp_path, monkeypatch):

@@ -155,6 +155,9 @@ def test_hard_kill_mid_epoch_resumes_to_the_uninterrupted_result(deterministic_r
     assert final["global_step"] == 6
     assert all(torch.equal(final["state_dict"][key], reference_weights[key]) for key in reference_weights)
     assert resumed.stdout.strip().splitlines()[-1] == reference_line
+    info = json.loads((logdir / "version_0" / "run_info.json").read_text())
+    assert [launch["status"] for launch in info["launches"]] == ["killed", "finished"]
+    assert "ended" not in info["launches"][0] and info["status"] == "finished"
 
 
 def test_crash_mid_epoch_is_recorded_and_resumes_to_the_planned_epochs(deterministic_run, image_folder, tmp_path):
