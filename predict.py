@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cli import ArgumentParser, UserError, positive_int, run_main
+from cli import ArgumentParser, UserError, positive_int, require_file, run_main
 
 
 def build_parser() -> ArgumentParser:
@@ -84,9 +84,8 @@ class OnnxClassifier:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    require_file(args.model)
     files = collect_files(args.inputs)
-    if not Path(args.model).is_file():
-        raise UserError(f"{args.model}: no such model file")
 
     import torch
 

@@ -112,6 +112,8 @@ def test_help_documents_every_flag_with_its_default():
         ("evaluate", ["--help"], None),
         ("evaluate", ["missing.ckpt"], "missing.ckpt: no such file"),
         ("predict", ["--help"], None),
+        ("predict", ["missing.ckpt", "README.md"], "missing.ckpt: no such file"),
+        ("predict", ["README.md", "missing.png"], "missing.png: no such file or folder"),
         ("export", ["--help"], None),
         ("export", ["missing.ckpt", "--format", "onnx", "--out", "missing.onnx"], "missing.ckpt: no such file"),
     ],
