@@ -1,5 +1,6 @@
 """The throughput benchmark runs end to end and prints well-formed ratio tables (its speeds are not asserted)."""
 
+import re
 import subprocess
 import sys
 
@@ -68,6 +69,7 @@ def test_help_answers_without_importing_torch(script, a_default):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: {script}.py") and a_default in " ".join(result.stdout.split())
+    assert not re.search(r"\(default: [^)]*\) \(default:", " ".join(result.stdout.split())), "a default stated twice"
     assert result.stdout.splitlines()[-1] == "False"
 
 

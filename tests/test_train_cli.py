@@ -99,6 +99,8 @@ def test_help_documents_every_flag_with_its_default():
     assert text.count("(default:") >= 35
     for default in ["resnet50", "./data", "lightning_logs", "auto", "imagenet", "sgd"]:
         assert f"(default: {default})" in text
+    assert "(default: $CIFAR10_CACHE_DIR or ~/.cache/cifar10-lightning)" in text
+    assert not re.search(r"\(default: [^)]*\) \(default:", text), "a default stated twice"
 
 
 @pytest.mark.parametrize(
