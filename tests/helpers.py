@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -68,3 +69,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
     assert len(lines) == 1, result.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+def assert_each_default_stated_once(help_text: str) -> None:
+    """No flag's help gives its default in words and then again as argparse's ``(default: ...)``."""
+    assert not re.search(r"\(default: [^)]*\) \(default:", " ".join(help_text.split())), "a default stated twice"

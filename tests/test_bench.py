@@ -1,13 +1,12 @@
 """The throughput benchmark runs end to end and prints well-formed ratio tables (its speeds are not asserted)."""
 
-import re
 import subprocess
 import sys
 
 import pytest
 
 from cli import resolve_precision
-from tests.helpers import ROOT, assert_one_line_error, run_in_process, run_script
+from tests.helpers import ROOT, assert_each_default_stated_once, assert_one_line_error, run_in_process, run_script
 
 TINY = ("--models", "resnet50_seed", "--steps", "2", "--warmup", "1", "--repeats", "1", "--batch-size", "8")
 
@@ -69,7 +68,7 @@ def test_help_answers_without_importing_torch(script, a_default):
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: {script}.py") and a_default in " ".join(result.stdout.split())
-    assert not re.search(r"\(default: [^)]*\) \(default:", " ".join(result.stdout.split())), "a default stated twice"
+    assert_each_default_stated_once(result.stdout)
     assert result.stdout.splitlines()[-1] == "False"
 
 

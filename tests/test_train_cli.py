@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tests.conftest import TINY_RUN
-from tests.helpers import ROOT, assert_one_line_error, run_in_process, run_script, scalar_tags
+from tests.helpers import ROOT, assert_each_default_stated_once, assert_one_line_error, run_in_process, run_script, scalar_tags
 
 
 def printed_test_accuracy(stdout: str) -> float:
@@ -100,7 +100,7 @@ def test_help_documents_every_flag_with_its_default():
     for default in ["resnet50", "./data", "lightning_logs", "auto", "imagenet", "sgd"]:
         assert f"(default: {default})" in text
     assert "(default: $CIFAR10_CACHE_DIR or ~/.cache/cifar10-lightning)" in text
-    assert not re.search(r"\(default: [^)]*\) \(default:", text), "a default stated twice"
+    assert_each_default_stated_once(text)
 
 
 @pytest.mark.parametrize(
