@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
+from collections.abc import Mapping
 
 import pytorch_lightning as pl
 import torch
@@ -82,22 +83,23 @@ class PlainStep:
         return time.perf_counter() - start
 
 
-def interleaved_step_seconds(variants: dict[str, PlainStep], batch_size: int, steps: int,
+def interleaved_step_seconds(variants: dict[str, PlainStep], batch_size: int | Mapping[str, int], steps: int,
                              warmup: int) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Each variant trains one step in turn, ``warmup + steps`` rounds; the seconds of the timed steps per variant.
 
     Neighbouring steps of different variants share whatever load the machine is under,
     so their ratios hold where separate trials minutes apart do not. The order within a
-    round reverses every round. Also returns each variant's warm-up seconds (where a
-    compiled model compiles).
+    round reverses every round. ``batch_size`` is one size for all or a size per variant.
+    Also returns each variant's warm-up seconds (where a compiled model compiles).
     """
-    images, labels = synthetic_images(batch_size)
+    sizes = batch_size if isinstance(batch_size, Mapping) else dict.fromkeys(variants, batch_size)
+    batches = {size: synthetic_images(size) for size in set(sizes.values())}
     seconds = {name: [] for name in variants}
     warmup_seconds = dict.fromkeys(variants, 0.0)
     names = list(variants)
     for round_index in range(warmup + steps):
         for name in (names if round_index % 2 == 0 else names[::-1]):
-            elapsed = variants[name](images, labels)
+            elapsed = variants[name](*batches[sizes[name]])
             if round_index < warmup:
                 warmup_seconds[name] += elapsed
             else:

@@ -5,6 +5,7 @@
     python bench/throughput.py --compile             # also torch.compile against eager
     python bench/throughput.py --input-size 48       # everything at train.py's default size for resnet50
     python bench/throughput.py --models resnet50 --size-sweep 32 40 48 56 64
+    python bench/throughput.py --models resnet50 --input-size 48 --batch-sweep 128 256 512
 
 For each model, in one process:
   (a) LitClassifier inside the Lightning Trainer, as train.py runs it (logger,
@@ -22,7 +23,9 @@ For each model, in one process:
   (``--ema-decay``) against none, and with ``--compile`` the compiled model against
   the eager one, with the seconds of the warm-up steps where it compiles; with
   ``--size-sweep``, the plain loop at each input size and its cost relative to
-  the first size (what a higher ``--input-size`` costs per epoch).
+  the first size (what a higher ``--input-size`` costs per epoch); with
+  ``--batch-sweep``, the plain loop at each batch size and its images/s relative to
+  the first (whether a larger ``--batch-size`` shortens an epoch on this CPU).
 The machine is shared, and other load can slow everything 2x for minutes; taking
 turns step by step puts both sides of a ratio under the same load. Speeds are
 images/s at a variant's median step; ratios are the median of the step-by-step
@@ -63,8 +66,11 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--repeats", type=positive_int, default=3, help="fresh Trainers, each for --steps timed steps")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd model (minutes more)")
     parser.add_argument("--input-size", type=positive_int, default=None, help="resize batches to this size (default: 32, as stored)")
-    parser.add_argument("--size-sweep", type=positive_int, nargs="+", default=None, metavar="SIZE",
+    sweeps = parser.add_mutually_exclusive_group()
+    sweeps.add_argument("--size-sweep", type=positive_int, nargs="+", default=None, metavar="SIZE",
                         help="instead: the plain loop's images/s (default precision) at each input size, taking turns step by step")
+    sweeps.add_argument("--batch-sweep", type=positive_int, nargs="+", default=None, metavar="BATCH",
+                        help="instead: the plain loop's images/s (default precision) at each batch size, taking turns step by step")
     return parser
 
 
@@ -80,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     default = "bf16" if native_bf16 else "fp32"  # the variant at train.py's default precision
     if args.size_sweep:
         size_sweep(args, precision)
+        return 0
+    if args.batch_sweep:
+        batch_sweep(args, precision)
         return 0
     trial = dict(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, input_size=args.input_size)
 
@@ -157,6 +166,27 @@ def size_sweep(args, precision: str) -> None:
           f"batch {args.batch_size}; {args.steps * args.repeats} rounds of one step at each size; CPU)\n")
     print(markdown_table(["model", "input", "images/s", f"time per image vs {args.size_sweep[0]}x{args.size_sweep[0]}",
                           "quartiles"], rows))
+
+
+def batch_sweep(args, precision: str) -> None:
+    from bench.common import PlainStep, interleaved_step_seconds, markdown_table, median_step_throughput
+    from datamodules.cifar10 import IMAGE_SIZE
+
+    batches = list(dict.fromkeys(args.batch_sweep))
+    rows = []
+    for model in args.models:
+        variants = {batch: PlainStep(model, precision, channels_last=True, input_size=args.input_size) for batch in batches}
+        seconds, _ = interleaved_step_seconds(variants, {batch: batch for batch in batches}, args.steps * args.repeats,
+                                              args.warmup)
+        per_image = {batch: [step / batch for step in seconds[batch]] for batch in batches}
+        for batch in batches:  # BATCH's speed per image relative to the first batch size's, round by round
+            rows.append([model, str(batch), f"{median_step_throughput(seconds[batch], batch):.1f}",
+                         *ratio_cells(per_image[batch], per_image[batches[0]])])
+        print(f"{model} done", flush=True)
+    size = args.input_size or IMAGE_SIZE
+    print(f"\nPlain-loop training throughput by batch size, images/s at the median step ({precision}, channels-last, "
+          f"input {size}x{size}; {args.steps * args.repeats} rounds of one step at each batch size; CPU)\n")
+    print(markdown_table(["model", "batch", "images/s", f"images/s vs batch {batches[0]}", "quartiles"], rows))
 
 
 if __name__ == "__main__":

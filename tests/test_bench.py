@@ -55,6 +55,15 @@ def test_size_sweep_gives_the_first_size_a_cost_of_one():
     assert_ratio_within_quartiles(larger["time per image vs 32x32"], larger["quartiles"])
 
 
+def test_batch_sweep_compares_images_per_second_with_the_first_batch_size():
+    result = run_script("bench/throughput.py", *TINY, "--batch-sweep", "4", "8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    base, larger = table_rows(result.stdout)
+    assert (base["batch"], larger["batch"]) == ("4", "8") and float(larger["images/s"]) > 0
+    assert base["images/s vs batch 4"] == "1.000" and base["quartiles"] == "1.000-1.000"
+    assert_ratio_within_quartiles(larger["images/s vs batch 4"], larger["quartiles"])
+
+
 @pytest.mark.parametrize("script, a_default", [("throughput", "(default: 128)"), ("data", "(default: 45000)"),
                                                ("plot_results", "(default: docs/val_acc_vs_time.png)"),
                                                ("summarize", "lightning_logs/version_N folders")])
@@ -79,6 +88,8 @@ def test_help_answers_without_importing_torch(script, a_default):
         ("data", ["--models", "resnet50", "vgg19"], "--models: unknown model vgg19"),
         ("throughput", ["--steps", "0"], "--steps: must be a positive integer, got 0"),
         ("data", ["--batch-size", "-8"], "--batch-size: must be a positive integer, got -8"),
+        ("throughput", ["--batch-sweep", "128", "0"], "--batch-sweep: must be a positive integer, got 0"),
+        ("throughput", ["--size-sweep", "32", "--batch-sweep", "128"], "--batch-sweep: not allowed with argument --size-sweep"),
     ],
 )
 def test_bad_flags_get_one_line_and_exit_2(script, args, fragment, monkeypatch, capsys):
