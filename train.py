@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import logging
 import os
 import platform
 import re
@@ -21,6 +22,7 @@ import shlex
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Sequence
 
@@ -224,6 +226,18 @@ def resolve_input_size(args) -> int | None:
     if args.model.startswith("resnet") and args.stem == "imagenet":
         return AUTO_INPUT_SIZE
     return None
+
+
+def quiet_library_notices() -> None:
+    """Keep two lines that no user can act on out of every run's output.
+
+    Lightning 2.6 still builds ``LeafSpec`` objects, which recent torch releases
+    deprecate with a FutureWarning at each fit and test; and Lightning prints a
+    tip recommending an extra logging package whenever it is not installed.
+    """
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
+        lambda record: not record.getMessage().startswith("\N{ELECTRIC LIGHT BULB} Tip:"))
 
 
 def model_options(args) -> dict:
@@ -502,6 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint_dir = run_dir / "checkpoints"
     has_validation = args.val_size > 0 and args.limit_val_batches != 0
     callbacks, best_checkpoint = build_callbacks(args, checkpoint_dir, has_validation)
+    quiet_library_notices()
     try:
         trainer = pl.Trainer(
             max_epochs=args.epochs,

@@ -30,6 +30,8 @@ def test_train_end_to_end(trained_run, best_checkpoint):
     assert len(tags["val/acc"]) == 2 and all(0 <= v <= 1 for v in tags["val/acc"])
     assert {"train/loss_step", "train/acc", "val/loss", "test/acc", "train/lr"} <= set(tags)
     assert tags["test/acc"][0] == pytest.approx(accuracy / 100, abs=1e-4)
+    output = result.stdout + result.stderr
+    assert "LeafSpec" not in output and "litlogger" not in output  # library notices no user can act on
 
 
 def test_last_checkpoint_is_the_last_epoch_even_without_improvement(image_folder, tmp_path):
