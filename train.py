@@ -228,16 +228,20 @@ def resolve_input_size(args) -> int | None:
     return None
 
 
+def is_not_a_library_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
 def quiet_library_notices() -> None:
     """Keep two lines that no user can act on out of every run's output.
 
     Lightning 2.6 still builds ``LeafSpec`` objects, which recent torch releases
     deprecate with a FutureWarning at each fit and test; and Lightning prints a
     tip recommending an extra logging package whenever it is not installed.
+    Both filters are installed once however often ``main`` runs in one process.
     """
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(
-        lambda record: not record.getMessage().startswith("\N{ELECTRIC LIGHT BULB} Tip:"))
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(is_not_a_library_tip)
 
 
 def model_options(args) -> dict:
