@@ -120,10 +120,25 @@ def resolve_precision(precision: str, accelerator: str) -> str:
         return precision
     import torch
 
-    wants_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
-    if wants_gpu:
+    if wants_cuda(accelerator):
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
+
+
+def wants_cuda(accelerator: str) -> bool:
+    """True where ``--accelerator`` trains on a CUDA GPU (``auto`` picks one when there is one, as Lightning does)."""
+    import torch
+
+    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+
+
+def trains_on_cpu(accelerator: str) -> bool:
+    """True where ``--accelerator`` leaves training on the CPU (``auto`` without a CUDA or Apple GPU)."""
+    import torch
+
+    if accelerator != "auto":
+        return accelerator == "cpu"
+    return not torch.cuda.is_available() and not torch.backends.mps.is_available()
 
 
 def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | None = None) -> int:

@@ -3,7 +3,7 @@
     python bench/throughput.py                       # resnet50 and vgg16, bf16, batch 128
     python bench/throughput.py --models vgg16 --repeats 5
     python bench/throughput.py --compile             # also torch.compile against eager
-    python bench/throughput.py --input-size 48       # everything at train.py's default size for resnet50
+    python bench/throughput.py --input-size 48       # everything at the size train.py gives resnet50 in bf16
     python bench/throughput.py --models resnet50 --size-sweep 32 40 48 56 64
     python bench/throughput.py --models resnet50 --input-size 48 --batch-sweep 128 256 512
 

@@ -51,7 +51,7 @@ TINY_RUN = ("--val-size", "20", "--batch-size", "16", "--progress-refresh", "0",
 
 @pytest.fixture(scope="session")
 def trained_run(image_folder, tmp_path_factory):
-    """One real 2-epoch train.py run of ResNet-50 on the tiny folder (fp32, fixed seed), shared by many tests.
+    """One real 2-epoch train.py run of ResNet-50 on the tiny folder (fp32, 48x48, fixed seed), shared by many tests.
 
     Returns (run folder, completed process).
     """
@@ -62,6 +62,7 @@ def trained_run(image_folder, tmp_path_factory):
     result = run_script(
         "train.py", "--model", "resnet50", "--data-dir", image_folder, "--cache-dir", root / "cache",
         "--logdir", logdir, "--epochs", "2", "--log-every-n-steps", "1", "--precision", "32-true", "--seed", "7",
+        "--input-size", "48",
         *TINY_RUN,
     )
     assert result.returncode == 0, result.stderr[-3000:]

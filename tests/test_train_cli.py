@@ -56,25 +56,34 @@ def test_run_info_records_command_seed_and_versions(trained_run):
 
 
 @pytest.mark.parametrize(
-    "args, size",
+    "args, precision, size",
     [
-        ([], 48),
-        (["--model", "resnet50_seed"], 48),
-        (["--stem", "cifar"], None),
-        (["--model", "vgg16"], None),
-        (["--input-size", "32"], 32),
-        (["--model", "vgg16", "--input-size", "64"], 64),
+        ([], "bf16-mixed", 48),
+        (["--model", "resnet50_seed"], "bf16-mixed", 48),
+        (["--accelerator", "gpu"], "32-true", 48),
+        (["--accelerator", "cpu"], "16-mixed", 48),
+        (["--accelerator", "cpu"], "32-true", None),
+        (["--accelerator", "cpu"], "64-true", None),
+        (["--stem", "cifar"], "bf16-mixed", None),
+        (["--model", "vgg16"], "bf16-mixed", None),
+        (["--accelerator", "cpu", "--input-size", "48"], "32-true", 48),
+        (["--input-size", "32"], "bf16-mixed", 32),
+        (["--model", "vgg16", "--input-size", "64"], "bf16-mixed", 64),
     ],
 )
-def test_auto_input_size_upsamples_only_the_imagenet_stem(args, size):
+def test_auto_input_size_upsamples_the_imagenet_stem_unless_a_cpu_trains_at_32_bit(args, precision, size):
     import train
 
-    assert train.resolve_input_size(train.build_parser().parse_args(args)) == size
+    assert train.resolve_input_size(train.build_parser().parse_args(args), precision) == size
 
 
-def test_the_default_run_trains_at_48_pixels_and_records_it(trained_run):
-    run_dir, _ = trained_run
-    assert "input_size: 48" in (run_dir / "hparams.yaml").read_text().splitlines()
+def test_the_run_records_the_input_size_auto_chose_for_its_precision(deterministic_run):
+    """``auto`` on the CPU: 48x48 under bf16, the images' own 32x32 (recorded as null) at 32-bit."""
+    run_dir = deterministic_run.run_dir
+    precision = json.loads((run_dir / "run_info.json").read_text())["precision"]
+    expected = "input_size: null" if precision == "32-true" else "input_size: 48"
+    assert precision in ("32-true", "bf16-mixed")
+    assert expected in (run_dir / "hparams.yaml").read_text().splitlines()
 
 
 def test_vgg16_fast_dev_run(image_folder, cache_dir, tmp_path):
