@@ -120,16 +120,10 @@ def resolve_precision(precision: str, accelerator: str) -> str:
         return precision
     import torch
 
-    if wants_cuda(accelerator):
+    wants_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
+    if wants_gpu:
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
-
-
-def wants_cuda(accelerator: str) -> bool:
-    """True where ``--accelerator`` trains on a CUDA GPU (``auto`` picks one when there is one, as Lightning does)."""
-    import torch
-
-    return accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
 
 
 def trains_on_cpu(accelerator: str) -> bool:

@@ -11,12 +11,12 @@ class InputResize(nn.Module):
 
     CIFAR-10 images are 32x32. A network with the ImageNet stem (stride 4
     before its first stage) then works on 8x8 maps in stage 1 and 1x1 in stage
-    4; upsampling the input to 48x48 gives it 12x12 maps at about 1.4x the CPU
-    cost of 32x32 for ResNet-50, not the 2.25x of the pixel count, because
-    small maps use the hardware poorly (``bench/throughput.py --size-sweep``,
-    RESULTS.md); that holds for bf16 on a CPU and on a GPU, whereas a CPU at
-    32-bit pays about 2x, so there ``train.py`` keeps 32x32. The resize holds no parameters, so it is part of the
-    classifier's hyperparameters, not its weights, and is exported together
+    4; upsampling the input to 48x48 gives it 12x12 maps at about 1.4x the
+    bf16 CPU cost of 32x32 for ResNet-50, not the 2.25x of the pixel count,
+    because small maps use the hardware poorly (``bench/throughput.py
+    --size-sweep``, RESULTS.md). A CPU at 32-bit pays about 2x, so there
+    ``train.py`` keeps 32x32. The resize holds no parameters, so it is part of
+    the classifier's hyperparameters, not its weights, and is exported together
     with the network.
     """
 
