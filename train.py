@@ -106,7 +106,8 @@ def build_parser() -> ArgumentParser:
     optim.add_argument("--warmup-fraction", type=fraction, default=0.15, help="share of steps warming up (onecycle)")
     optim.add_argument("--ema-decay", type=fraction, default=0.0, metavar="D",
                        help="validate, checkpoint and keep an exponential moving average of the weights, "
-                            "updated every step with this decay (e.g. 0.999); 0: off")
+                            "updated every step with this decay (e.g. 0.999), ramped up as (1+n)/(10+n) over the "
+                            "first steps n; 0: off")
     optim.add_argument("--seed", type=non_negative_int, default=42, help="random seed (weights, shuffling, augmentation)")
     optim.add_argument("--deterministic", action="store_true",
                        help="deterministic algorithms only: two runs with the same seed give identical results")

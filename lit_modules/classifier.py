@@ -65,8 +65,9 @@ class LitClassifier(pl.LightningModule):
             bilinearly resized to ``input_size x input_size``; ``None`` keeps the data's
             size. See :class:`models.InputResize`.
         ema_decay: with ``d > 0``, validate, checkpoint and keep an exponential moving
-            average of the weights updated after every step with decay ``d``
-            (:class:`lit_modules.callbacks.ExponentialMovingAverage`); 0 trains without one.
+            average of the weights updated after every step with decay ``d``, warmed up
+            over the first steps (:class:`lit_modules.callbacks.ExponentialMovingAverage`);
+            0 trains without one.
 
     Besides the scalars, a TensorBoard logger receives the confusion matrix and
     per-class accuracy after every validation epoch and after testing, a grid of

@@ -174,6 +174,47 @@ def test_ema_decay_out_of_range_is_refused():
         LitClassifier("vgg16", ema_decay=1.0)
 
 
+class TinyRegression(pl.LightningModule):
+    """One linear layer trained by plain SGD, recording its weight after every step."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = torch.nn.Linear(4, 1, bias=False)
+        self.weights_after_step: list[torch.Tensor] = []
+
+    def training_step(self, batch, batch_idx):
+        inputs, targets = batch
+        return torch.nn.functional.mse_loss(self.layer(inputs), targets)
+
+    def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+        self.weights_after_step.append(self.layer.weight.detach().clone())
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.2)
+
+
+@pytest.mark.skipif(not EMA_SUPPORTED, reason="weight averaging needs pytorch-lightning 2.6")
+def test_ema_warms_up_so_the_first_weights_fade_within_a_few_steps(tmp_path):
+    torch.manual_seed(0)
+    inputs = torch.randn(80, 4)
+    targets = inputs @ torch.tensor([[1.0], [-2.0], [3.0], [0.5]])
+    loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(inputs, targets), batch_size=4)
+    module = TinyRegression()
+    ema = ExponentialMovingAverage(0.999)
+    small_trainer(tmp_path, max_epochs=1, callbacks=[ema]).fit(module, train_dataloaders=loader)
+
+    weights = module.weights_after_step
+    assert len(weights) == 20
+    expected = weights[0]
+    for step_idx, weight in enumerate(weights[1:], start=1):
+        decay = min(0.999, (1 + step_idx) / (10 + step_idx))
+        expected = decay * expected + (1 - decay) * weight
+    # Training ends with the average in place; without the warm-up it would still be 98 % the first step's weights.
+    assert torch.allclose(module.layer.weight, expected, atol=1e-6)
+    assert not torch.allclose(module.layer.weight, 0.999 ** 19 * weights[0] + (1 - 0.999 ** 19) * weights[-1], atol=1e-3)
+    assert [ema.step_decay(n) for n in (1, 890, 8990, 20000)] == pytest.approx([2 / 11, 0.99, 0.999, 0.999])
+
+
 class SaveDuringValidation(pl.Callback):
     """Saves a checkpoint at the first validation batch of every epoch, while the network holds the average."""
 
