@@ -142,7 +142,9 @@ class ExponentialMovingAverage(_WeightAveraging or pl.Callback):
         return min(self.decay, (1 + step_idx) / (10 + step_idx))
 
     def should_update(self, step_idx: int | None = None, epoch_idx: int | None = None) -> bool:
-        # Called with the zero-based index of the step just taken, right before each update.
+        # Called with the zero-based index of the step just taken, right before each update. The decay is
+        # set here from that Python int, not from the update's count argument, a tensor on the averaging
+        # device whose read would stall a GPU every step.
         if step_idx is None:
             return False
         self._step_decay = self.step_decay(step_idx)
