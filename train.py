@@ -506,6 +506,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     module = build_module(args, resumed, precision)
     if args.compile:
         module.model.compile()
+        module.example_input_array = None  # the layer summary's one-image forward pass would compile a second graph
 
     datamodule = CIFAR10DataModule(
         data_dir=args.data_dir,

@@ -450,6 +450,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
         return self._loader(self.test_set, shuffle=False)
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        if isinstance(batch, torch.Tensor):
+            # Images without labels come only from the LightningModule's example_input_array (the layer
+            # summary's forward pass), already normalised; this module's loaders always yield (images, labels).
+            return batch
         images, labels = batch
         if self.trainer is not None and self.trainer.training:
             images = train_augment(images, self.augment_generator(), self.cutout_size)

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
+from datamodules.cifar10 import IMAGE_SIZE
 from datamodules.transforms import normalize
 from lit_modules import visuals
 from models import InputResize, get_model
@@ -69,6 +70,11 @@ class LitClassifier(pl.LightningModule):
             over the first steps (:class:`lit_modules.callbacks.ExponentialMovingAverage`);
             0 trains without one.
 
+    ``example_input_array`` is one normalised 32x32 image (the mean colour), so the
+    layer summary printed when training starts lists each layer's output size and
+    forward FLOPs per image at the size the network really sees (after
+    ``input_size``).
+
     Besides the scalars, a TensorBoard logger receives the confusion matrix and
     per-class accuracy after every validation epoch and after testing, a grid of
     misclassified test images, and a text summary of the model. All of it is
@@ -118,6 +124,7 @@ class LitClassifier(pl.LightningModule):
         self.val_confusion = MulticlassConfusionMatrix(num_classes)
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
         self._misclassified: list[tuple[Tensor, int, int]] = []
+        self.example_input_array = torch.zeros(1, 3, IMAGE_SIZE, IMAGE_SIZE)
 
     @property
     def class_names(self) -> list[str]:

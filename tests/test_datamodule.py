@@ -108,6 +108,8 @@ def test_datamodule_batches(image_folder, cache_dir):
     normalized, same_labels = datamodule.on_after_batch_transfer((images, labels), 0)
     assert normalized.dtype == torch.float32 and torch.equal(same_labels, labels)
     torch.testing.assert_close(normalized, normalize(images))  # no trainer: no augmentation
+    example_input = torch.zeros(1, 3, 32, 32)  # a LightningModule's example_input_array, images only
+    assert datamodule.on_after_batch_transfer(example_input, 0) is example_input
     test_labels = torch.cat([batch[1] for batch in datamodule.test_dataloader()])
     assert test_labels.bincount().tolist() == [3] * 10
 

@@ -2,6 +2,7 @@ import pytorch_lightning as pl
 import pytest
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities.model_summary import ModelSummary
 
 from datamodules import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, normalize
 from lit_modules import LitClassifier
@@ -29,6 +30,17 @@ def test_fast_dev_run_trains_validates_and_tests(image_folder, cache_dir, tmp_pa
     assert any(not torch.equal(b, p) for b, p in zip(before, module.model.parameters()))
     result = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     assert {"test/loss", "test/acc", "test/acc_class/cat"} <= set(result) and 0.0 <= result["test/acc"] <= 1.0
+
+
+def test_layer_summary_counts_forward_flops_per_image_at_the_size_the_network_sees():
+    def summary_flops(**options) -> int:
+        return ModelSummary(LitClassifier("resnet50", **options)).total_flops
+
+    # ResNet-50 at 224x224 has 4.09 G multiply-adds (torchvision's model table); the counter counts two FLOPs each.
+    assert summary_flops(num_classes=1000, input_size=224) == pytest.approx(2 * 4.09e9, rel=0.005)
+    own_size = summary_flops()
+    assert summary_flops(input_size=48) > 2 * own_size
+    assert summary_flops(model_options={"stem": "cifar"}) == pytest.approx(16 * own_size, rel=0.05)
 
 
 def test_forward_returns_logits():

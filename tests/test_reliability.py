@@ -395,7 +395,7 @@ DDP_RUNNER = textwrap.dedent(
     original = cifar10.CIFAR10DataModule.on_after_batch_transfer
 
     def recording(self, batch, dataloader_idx):
-        if self.trainer is not None and self.trainer.training:
+        if self.trainer is not None and self.trainer.training and isinstance(batch, (tuple, list)):
             with open(os.path.join({out!r}, f"rank{{self.trainer.global_rank}}.txt"), "a") as seen:
                 for image in batch[0]:
                     seen.write(hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest() + "\\n")
