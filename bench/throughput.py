@@ -20,7 +20,9 @@ For each model, in one process:
   the CPU computes bf16 natively; elsewhere ``--precision auto`` trains in fp32
   and the bf16 cells say so), and at that default precision channels-last on
   against off, an exponential moving average of the weights updated every step
-  (``--ema-decay``) against none, and with ``--compile`` the compiled model against
+  (``--ema-decay``) against none, convolutions on tiny maps as one matrix product
+  (``models.layers.Conv2d``, always on in train.py) against oneDNN's convolution for
+  every map, and with ``--compile`` the compiled model against
   the eager one, with the seconds of the warm-up steps where it compiles; with
   ``--size-sweep``, the plain loop at each input size and its cost relative to
   the first size (what a higher ``--input-size`` costs per epoch); with
@@ -113,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             variants["channels-first"] = PlainStep(model, precision, channels_last=False, input_size=args.input_size)
             variants["EMA"] = PlainStep(model, precision, channels_last=True, input_size=args.input_size,
                                         ema_decay=0.999)
+            variants["conv tiny maps"] = PlainStep(model, precision, channels_last=True, input_size=args.input_size,
+                                                   dense_tiny_maps=False)
             if args.compile:
                 variants["compiled"] = PlainStep(model, precision, channels_last=True, input_size=args.input_size,
                                                  compile=True)
@@ -123,7 +127,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                           else [NO_NATIVE_BF16, "-", "-"])
             lever_rows.append([model, f"{speed['fp32']:.1f}", *bf16_cells,
                                f"{speed['channels-first']:.1f}", *ratio_cells(seconds[default], seconds["channels-first"]),
-                               f"{speed['EMA']:.1f}", *ratio_cells(seconds["EMA"], seconds[default])])
+                               f"{speed['EMA']:.1f}", *ratio_cells(seconds["EMA"], seconds[default]),
+                               f"{speed['conv tiny maps']:.1f}", *ratio_cells(seconds[default], seconds["conv tiny maps"])])
             if args.compile:
                 compile_rows.append([model, f"{speed[default]:.1f}", f"{speed['compiled']:.1f}",
                                      *ratio_cells(seconds["compiled"], seconds[default]),
@@ -138,9 +143,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(["model", "precision", "batch", "(a) Trainer", "(b) plain loop", "ratio a/b", "quartiles"],
                          overhead_rows))
     print()
-    print(f"Speed levers; channels-first, EMA and compiled at the default precision here, {precision}:\n")
+    print(f"Speed levers; channels-first, EMA, tiny maps and compiled at the default precision here, {precision}:\n")
     print(markdown_table(["model", "fp32", "bf16", "bf16/fp32", "quartiles", "channels-first",
-                          "channels-last/first", "quartiles", "with EMA", "with/without EMA", "quartiles"],
+                          "channels-last/first", "quartiles", "with EMA", "with/without EMA", "quartiles",
+                          "tiny maps as conv", "matrix/conv", "quartiles"],
                          lever_rows))
     if compile_rows:
         print()

@@ -22,6 +22,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
+from models.layers import Conv2d
 from models.registry import register_model
 
 STEMS = ("imagenet", "cifar")
@@ -39,17 +40,17 @@ class Bottleneck(nn.Module):
     def __init__(self, in_channels: int, width: int, stride: int = 1) -> None:
         super().__init__()
         out_channels = width * self.expansion
-        self.conv1 = nn.Conv2d(in_channels, width, kernel_size=1, bias=False)
+        self.conv1 = Conv2d(in_channels, width, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
-        self.conv2 = nn.Conv2d(width, width, kernel_size=3, stride=stride, padding=1, bias=False)
+        self.conv2 = Conv2d(width, width, kernel_size=3, stride=stride, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(width)
-        self.conv3 = nn.Conv2d(width, out_channels, kernel_size=1, bias=False)
+        self.conv3 = Conv2d(width, out_channels, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_channels != out_channels:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                Conv2d(in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
                 nn.BatchNorm2d(out_channels),
             )
 

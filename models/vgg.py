@@ -19,6 +19,7 @@ from typing import Sequence, Union
 
 from torch import Tensor, nn
 
+from models.layers import Conv2d
 from models.registry import register_model
 
 # An int is a 3x3 convolution with that many output channels (+ BatchNorm + ReLU);
@@ -36,7 +37,7 @@ def make_features(config: Sequence[Union[int, str]]) -> nn.Sequential:
             layers.append(nn.MaxPool2d(kernel_size=2, stride=2))
         else:
             layers += [
-                nn.Conv2d(in_channels, item, kernel_size=3, padding=1),
+                Conv2d(in_channels, item, kernel_size=3, padding=1),
                 nn.BatchNorm2d(item),
                 nn.ReLU(inplace=True),
             ]

@@ -33,7 +33,7 @@ def test_train_end_to_end(trained_run, best_checkpoint):
     output = result.stdout + result.stderr
     assert "LeafSpec" not in output and "litlogger" not in output  # library notices no user can act on
     flops = re.search(r"^(\S+ ?[KMGT]?)\s+Total Flops$", output, re.M)  # the layer summary, at 48x48 here
-    assert flops and flops.group(1).strip() == "425 M", output[:3000]
+    assert flops and flops.group(1).strip() == "404 M", output[:3000]
 
 
 def test_last_checkpoint_is_the_last_epoch_even_without_improvement(image_folder, tmp_path):

@@ -1,0 +1,90 @@
+"""Building blocks shared by the networks."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _taps_joining(in_size: int, kernel: int, stride: int, padding: int) -> list[list[int]] | None:
+    """For one spatial axis, ``taps[o][i]``: the kernel tap that joins output position ``o`` to input position ``i``.
+
+    ``None`` unless every output position's window covers the whole input axis, so
+    that every (output, input) pair is joined by exactly one tap.
+    """
+    out_size = (in_size + 2 * padding - kernel) // stride + 1
+    taps = [[i - o * stride + padding for i in range(in_size)] for o in range(out_size)]
+    if out_size < 1 or any(not 0 <= tap < kernel for row in taps for tap in row):
+        return None
+    return taps
+
+
+@lru_cache(maxsize=64)
+def _dense_tap_index(
+    height: int, width: int, kernel: tuple[int, int], stride: tuple[int, int], padding: tuple[int, int]
+) -> tuple[int, int, tuple[int, ...]] | None:
+    """Output height and width, and the flattened-kernel tap of each (output pixel, input pixel) pair, or ``None``."""
+    rows = _taps_joining(height, kernel[0], stride[0], padding[0])
+    cols = _taps_joining(width, kernel[1], stride[1], padding[1])
+    if rows is None or cols is None:
+        return None
+    index = tuple(
+        row_tap * kernel[1] + col_tap
+        for out_row in rows
+        for out_col in cols
+        for row_tap in out_row
+        for col_tap in out_col
+    )
+    return len(rows), len(cols), index
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` that, on a CPU, computes a convolution over a tiny map as one matrix product.
+
+    When every output pixel's window covers the whole input map (a 3x3 convolution
+    with padding 1 on a 1x1 or 2x2 map, or a strided one from 2x2 to 1x1), the
+    convolution is a fully connected layer: output pixel ``o`` takes input pixel
+    ``i`` through exactly one kernel tap, and the taps that fall on the zero padding
+    add nothing. The ImageNet-stem ResNet-50's last stage and VGG-16's last block
+    see such maps on 32x32 to 48x48 images. The layer then gathers the taps into
+    an ``(output pixels x output channels, input pixels x input channels)`` matrix
+    and multiplies by it: the convolution's values up to rounding, but on a CPU
+    the forward and backward pass of a 3x3 convolution on a 1x1 map ran about 30x
+    faster this way than through oneDNN, and on a 2x2 map about 3x (RESULTS.md,
+    "Convolutions on tiny maps"). Other maps, and other devices, take
+    ``nn.Conv2d``'s path. The weight keeps its shape, so parameters, checkpoints
+    and initialisation are those of ``nn.Conv2d``. Setting ``dense_tiny_maps = False``
+    on a layer sends every map through ``nn.Conv2d`` (``bench/throughput.py`` times both).
+    """
+
+    dense_tiny_maps = True
+
+    def forward(self, x: Tensor) -> Tensor:
+        dense = None
+        if (
+            self.dense_tiny_maps
+            and x.device.type == "cpu"
+            and x.dim() == 4
+            and self.groups == 1
+            and self.dilation == (1, 1)
+            and self.padding_mode == "zeros"
+            and not isinstance(self.padding, str)
+        ):
+            dense = _dense_tap_index(x.shape[-2], x.shape[-1], self.kernel_size, self.stride, self.padding)
+        if dense is None:
+            return super().forward(x)
+        out_height, out_width, index = dense
+        in_channels, height, width = x.shape[1:]
+        out_pixels, in_pixels = out_height * out_width, height * width
+        # the kernel as one (out_ch, in_ch) block per tap, then one block per (output pixel, input pixel) pair
+        tap_blocks = self.weight.permute(2, 3, 0, 1).reshape(-1, self.out_channels, in_channels)
+        blocks = tap_blocks.index_select(0, torch.tensor(index, device=x.device))
+        blocks = blocks.view(out_pixels, in_pixels, self.out_channels, in_channels)
+        matrix = blocks.transpose(1, 2).reshape(out_pixels * self.out_channels, in_pixels * in_channels)
+        bias = None if self.bias is None else self.bias.repeat(out_pixels)
+        # pixel-major, channel-minor order: a channels-last batch flattens without a copy
+        out = F.linear(x.permute(0, 2, 3, 1).reshape(-1, in_pixels * in_channels), matrix, bias)
+        return out.view(-1, out_height, out_width, self.out_channels).permute(0, 3, 1, 2)

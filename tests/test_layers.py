@@ -1,0 +1,123 @@
+import pytest
+import torch
+from torch import nn
+
+from models import get_model
+from models.layers import Conv2d
+
+
+def paired_convs(in_channels, out_channels, bias, **conv_options):
+    torch.manual_seed(0)
+    reference = nn.Conv2d(in_channels, out_channels, bias=bias, **conv_options)
+    layer = Conv2d(in_channels, out_channels, bias=bias, **conv_options)
+    layer.load_state_dict(reference.state_dict())
+    return reference, layer
+
+
+def count_conv2d_calls(monkeypatch) -> list:
+    calls = []
+    original = torch.nn.functional.conv2d
+
+    def counting_conv2d(*args, **kwargs):
+        calls.append(args[0].shape)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "conv2d", counting_conv2d)
+    return calls
+
+
+TINY_MAPS = [
+    # (kernel, stride, padding, input height, input width)
+    (3, 1, 1, 1, 1),  # ResNet-50's last stage on 32x32 images
+    (3, 2, 1, 2, 2),  # its first block's strided 3x3, 2x2 -> 1x1
+    (3, 1, 1, 2, 2),  # VGG-16's last block on 32x32, ResNet-50's last stage on 48x48
+    (1, 1, 0, 1, 1),  # the 1x1 convolutions around a 1x1 map
+    (3, 1, 1, 1, 2),  # not square
+    (5, 1, 2, 3, 3),
+]
+
+
+@pytest.mark.parametrize("kernel, stride, padding, height, width", TINY_MAPS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_tiny_map_matrix_product_equals_the_convolution_with_its_gradients(
+    monkeypatch, kernel, stride, padding, height, width, bias, channels_last
+):
+    reference, layer = paired_convs(6, 5, bias, kernel_size=kernel, stride=stride, padding=padding)
+    images = torch.randn(4, 6, height, width)
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    images.requires_grad_(True)
+
+    expected = reference(images)
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), [images, *reference.parameters()])
+    conv_calls = count_conv2d_calls(monkeypatch)
+    found = layer(images)
+    found_grads = torch.autograd.grad(found.pow(2).sum(), [images, *layer.parameters()])
+
+    assert conv_calls == []  # the matrix product, not the convolution, computed it
+    assert found.shape == expected.shape
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
+    for found_grad, expected_grad in zip(found_grads, expected_grads, strict=True):
+        torch.testing.assert_close(found_grad, expected_grad, rtol=1e-5, atol=1e-5)
+    # the taps that only ever meet the zero padding get no gradient, as in nn.Conv2d
+    weight_grad = found_grads[1]
+    assert torch.equal(weight_grad == 0, expected_grads[1] == 0)
+
+
+@pytest.mark.parametrize(
+    "conv_options, height",
+    [
+        ({"kernel_size": 3, "padding": 1}, 4),  # a 4x4 map: corner outputs do not see the far pixels
+        ({"kernel_size": 1, "stride": 2}, 2),  # a strided 1x1 skips input pixels
+        ({"kernel_size": 3, "padding": 1, "groups": 2}, 1),
+        ({"kernel_size": 3, "padding": 2, "dilation": 2}, 1),
+        ({"kernel_size": 3, "padding": 1, "padding_mode": "reflect"}, 2),
+    ],
+)
+def test_other_maps_and_options_take_the_convolution(monkeypatch, conv_options, height):
+    reference, layer = paired_convs(4, 6, True, **conv_options)
+    images = torch.randn(2, 4, height, height)
+    conv_calls = count_conv2d_calls(monkeypatch)
+    found = layer(images)
+    assert len(conv_calls) == 1
+    torch.testing.assert_close(found, reference(images))
+
+
+def test_dense_tiny_maps_false_takes_the_convolution(monkeypatch):
+    _, layer = paired_convs(4, 6, False, kernel_size=3, padding=1)
+    layer.dense_tiny_maps = False
+    conv_calls = count_conv2d_calls(monkeypatch)
+    layer(torch.randn(2, 4, 1, 1))
+    assert len(conv_calls) == 1
+
+
+def test_layer_keeps_the_convolution_weights_shape_and_state_dict_keys():
+    reference, layer = paired_convs(8, 16, False, kernel_size=3, padding=1)
+    assert isinstance(layer, nn.Conv2d)
+    assert layer.weight.shape == (16, 8, 3, 3)
+    assert list(layer.state_dict()) == list(reference.state_dict())
+
+
+@pytest.mark.parametrize("name, size", [("resnet50", 32), ("resnet50", 48), ("vgg16", 32)])
+def test_networks_give_the_convolution_path_results_on_tiny_maps(monkeypatch, name, size):
+    # float64: in training mode a fresh network's BatchNorm on 1x1 maps amplifies float32
+    # rounding in the gradients to several percent, whichever path computes them
+    torch.manual_seed(0)
+    model = get_model(name).train().to(torch.float64, memory_format=torch.channels_last)
+    images = torch.randn(8, 3, size, size, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+
+    conv_calls = count_conv2d_calls(monkeypatch)
+    logits = model(images)
+    grads = torch.autograd.grad(logits.logsumexp(1).sum(), list(model.parameters()))
+    dense_conv_calls = len(conv_calls)
+    for module in model.modules():
+        if isinstance(module, Conv2d):
+            module.dense_tiny_maps = False
+    reference_logits = model(images)
+    assert dense_conv_calls < len(conv_calls) - dense_conv_calls  # the tiny maps took the matrix product
+    reference_grads = torch.autograd.grad(reference_logits.logsumexp(1).sum(), list(model.parameters()))
+
+    torch.testing.assert_close(logits, reference_logits, rtol=1e-10, atol=1e-10)
+    for grad, reference_grad in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(grad, reference_grad, rtol=1e-8, atol=1e-10)
