@@ -222,7 +222,7 @@ def resolve_input_size(args, precision: str) -> int | None:
     48x48 (12x12) ResNet-50 reached 85.17 % in 18 epochs on the 2-core CPU in
     bf16 (85.5-85.8 % with three seeds on a GPU) against 84.6 % in 27 epochs at
     32x32, the same training time (RESULTS.md, resolution sweep). On a CPU at
-    32-bit the larger image costs twice the time, not 1.5x, and 32x32 is the
+    32-bit the larger image costs 2 to 2.5x the time, not 1.5x, and 32x32 is the
     better use of it: 76.06 % in 9 epochs (76.5 min) against 72.30 % in 5
     epochs at 48x48 (85 min) on an AVX2-only CPU; so there ``auto`` keeps
     32x32. The CIFAR stem and VGG-16 always keep 32x32.

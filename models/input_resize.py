@@ -14,7 +14,7 @@ class InputResize(nn.Module):
     4; upsampling the input to 48x48 gives it 12x12 maps at about 1.4x the
     bf16 CPU cost of 32x32 for ResNet-50, not the 2.25x of the pixel count,
     because small maps use the hardware poorly (``bench/throughput.py
-    --size-sweep``, RESULTS.md). A CPU at 32-bit pays about 2x, so there
+    --size-sweep``, RESULTS.md). A CPU at 32-bit pays 2 to 2.5x, so there
     ``train.py`` keeps 32x32. The resize holds no parameters, so it is part of
     the classifier's hyperparameters, not its weights, and is exported together
     with the network.

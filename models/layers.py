@@ -51,11 +51,12 @@ class Conv2d(nn.Conv2d):
     add nothing. The ImageNet-stem ResNet-50's last stage and VGG-16's last block
     see such maps on 32x32 to 48x48 images. The layer then gathers the taps into
     an ``(output pixels x output channels, input pixels x input channels)`` matrix
-    and multiplies by it: the convolution's values up to rounding, but on a CPU
-    the forward and backward pass of a 3x3 convolution on a 1x1 map ran about 30x
-    faster this way than through oneDNN, and on a 2x2 map about 3x (RESULTS.md,
-    "Convolutions on tiny maps"). Other maps, and other devices, take
-    ``nn.Conv2d``'s path. The weight keeps its shape, so parameters, checkpoints
+    and multiplies by it: the convolution's values up to rounding. On a CPU at
+    32-bit, oneDNN's backward pass of a 3x3 convolution on a 1x1 map took about
+    200 ms for a batch of 128, a third of ResNet-50's whole training step at
+    32x32; with the matrix products ResNet-50 trains 1.69x faster there and
+    VGG-16 1.12x (``bench/throughput.py``, RESULTS.md, "Convolutions on tiny
+    maps"). Other maps, and other devices (not measured), take ``nn.Conv2d``'s path. The weight keeps its shape, so parameters, checkpoints
     and initialisation are those of ``nn.Conv2d``. Setting ``dense_tiny_maps = False``
     on a layer sends every map through ``nn.Conv2d`` (``bench/throughput.py`` times both).
     """
