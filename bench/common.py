@@ -17,7 +17,7 @@ from datamodules.transforms import normalize, train_augment
 from lit_modules import LitClassifier
 from lit_modules.classifier import split_decay_groups
 from models import InputResize, get_model, list_models
-from models.layers import Conv2d
+from models.layers import set_dense_tiny_maps
 
 
 def check_model_names(names: list[str]) -> None:
@@ -57,9 +57,7 @@ class PlainStep:
                  input_size: int | None = None, ema_decay: float = 0.0, dense_tiny_maps: bool = True) -> None:
         torch.manual_seed(0)
         model = get_model(model_name).train()
-        for module in model.modules():
-            if isinstance(module, Conv2d):
-                module.dense_tiny_maps = dense_tiny_maps
+        set_dense_tiny_maps(model, dense_tiny_maps)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         if compile:

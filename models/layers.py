@@ -56,9 +56,10 @@ class Conv2d(nn.Conv2d):
     200 ms for a batch of 128, a third of ResNet-50's whole training step at
     32x32; with the matrix products ResNet-50 trains 1.69x faster there and
     VGG-16 1.12x (``bench/throughput.py``, RESULTS.md, "Convolutions on tiny
-    maps"). Other maps, and other devices (not measured), take ``nn.Conv2d``'s path. The weight keeps its shape, so parameters, checkpoints
-    and initialisation are those of ``nn.Conv2d``. Setting ``dense_tiny_maps = False``
-    on a layer sends every map through ``nn.Conv2d`` (``bench/throughput.py`` times both).
+    maps"). Other maps, and other devices (not measured), take ``nn.Conv2d``'s
+    path. The weight keeps its shape, so parameters, checkpoints and
+    initialisation are those of ``nn.Conv2d``. ``set_dense_tiny_maps(model,
+    False)`` sends every map through ``nn.Conv2d`` (``bench/throughput.py`` times both).
     """
 
     dense_tiny_maps = True
@@ -89,3 +90,10 @@ class Conv2d(nn.Conv2d):
         # pixel-major, channel-minor order: a channels-last batch flattens without a copy
         out = F.linear(x.permute(0, 2, 3, 1).reshape(-1, in_pixels * in_channels), matrix, bias)
         return out.view(-1, out_height, out_width, self.out_channels).permute(0, 3, 1, 2)
+
+
+def set_dense_tiny_maps(model: nn.Module, enabled: bool) -> None:
+    """Switch the matrix-product path of every ``Conv2d`` in ``model`` on or off."""
+    for module in model.modules():
+        if isinstance(module, Conv2d):
+            module.dense_tiny_maps = enabled
