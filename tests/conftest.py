@@ -88,13 +88,17 @@ class DeterministicRun:
     run_dir: Path
 
 
-def deterministic_train(image_folder, logdir, cache) -> DeterministicRun:
-    """One ``--deterministic`` train.py run of DETERMINISTIC_RUN: final weights, per-step losses, the printed test line."""
+def deterministic_train(image_folder, logdir, cache, in_subprocess: bool = False) -> DeterministicRun:
+    """One ``--deterministic`` train.py run of DETERMINISTIC_RUN: final weights, per-step losses, the printed test line.
+
+    In this process unless ``in_subprocess``: a fresh interpreter costs seconds of imports.
+    """
     import torch
 
-    from tests.helpers import run_script, scalar_tags
+    from tests.helpers import run_in_process, run_script, scalar_tags
 
-    result = run_script("train.py", "--data-dir", image_folder, "--cache-dir", cache, "--logdir", logdir, *DETERMINISTIC_RUN)
+    run = run_script if in_subprocess else run_in_process
+    result = run("train.py", "--data-dir", image_folder, "--cache-dir", cache, "--logdir", logdir, *DETERMINISTIC_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = logdir / "version_0"
     weights = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]

@@ -24,34 +24,48 @@ def run_script(script: str, *args, cwd: Path | None = None, timeout: int = 300, 
     )
 
 
-def run_in_process(script: str, *args, monkeypatch, capsys) -> subprocess.CompletedProcess:
+def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
     """``python SCRIPT ARGS`` without a new interpreter: the script's ``main`` through ``run_main``, as its
-    ``__main__`` block calls it, with ``sys.argv`` as the script would see it.
+    ``__main__`` block calls it, with ``sys.argv`` as the script would see it and its output captured.
 
-    For refusals that come before any training: a fresh interpreter spends seconds importing torch and
-    Lightning before it can refuse. The exit-code plumbing itself is tested through real subprocesses.
+    A fresh interpreter spends about 8 seconds here importing torch and Lightning before it does anything;
+    most of the suite's script runs need nothing that only a new process gives. Signals, kills, exit-code
+    plumbing and DDP are tested through real subprocesses. What a run changes in this process is undone:
+    the environment variables that seeding and train.py set, and PyTorch's deterministic-algorithms switch.
     """
+    import contextlib
     import importlib
+    import io
     import runpy
 
+    import pytest
+    import torch
+
     from cli import run_main
+    from train import RUN_VERSION_VARIABLE
 
     arguments = [str(argument) for argument in args]
-    monkeypatch.setattr(sys, "argv", [str(ROOT / script), *arguments])
-    for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS"):  # what seeding sets, undone after the test
-        monkeypatch.delenv(name, raising=False)
-    if script.startswith("bench/"):  # loaded by path (``bench/data.py`` is no importable ``data``), not run
-        monkeypatch.syspath_prepend(str(ROOT / "bench"))
-        main = runpy.run_path(str(ROOT / script))["main"]
-    else:
-        main = importlib.import_module(Path(script).stem).main
-    capsys.readouterr()
-    try:
-        code = run_main(main, arguments)
-    except SystemExit as stop:  # argparse refusing a flag
-        code = stop.code
-    out, err = capsys.readouterr()
-    return subprocess.CompletedProcess([script, *arguments], code, out, err)
+    out, err = io.StringIO(), io.StringIO()
+    deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", [str(ROOT / script), *arguments])
+        for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG", RUN_VERSION_VARIABLE):
+            patch.setenv(name, "")  # recorded, so that undoing the patch restores or removes what the run sets
+            patch.delenv(name)
+        if script.startswith("bench/"):  # loaded by path (``bench/data.py`` is no importable ``data``), not run
+            patch.syspath_prepend(str(ROOT / "bench"))
+            main = runpy.run_path(str(ROOT / script))["main"]
+        else:
+            main = importlib.import_module(Path(script).stem).main
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = run_main(main, arguments)
+                except SystemExit as stop:  # argparse refusing a flag
+                    code = stop.code
+        finally:
+            torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
+    return subprocess.CompletedProcess([script, *arguments], code, out.getvalue(), err.getvalue())
 
 
 def scalar_tags(run_dir: Path) -> dict[str, list[float]]:

@@ -32,7 +32,7 @@ def assert_ratio_within_quartiles(ratio: str, quartiles: str) -> None:
 
 
 def test_throughput_pairs_the_trainer_with_the_plain_loop_and_the_levers_step_by_step():
-    result = run_script("bench/throughput.py", *TINY)
+    result = run_in_process("bench/throughput.py", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
     overhead, levers = table_rows(result.stdout)
     assert overhead["model"] == levers["model"] == "resnet50_seed" and overhead["batch"] == "8"
@@ -48,7 +48,7 @@ def test_throughput_pairs_the_trainer_with_the_plain_loop_and_the_levers_step_by
 
 
 def test_size_sweep_gives_the_first_size_a_cost_of_one():
-    result = run_script("bench/throughput.py", *TINY, "--size-sweep", "32", "48")
+    result = run_in_process("bench/throughput.py", *TINY, "--size-sweep", "32", "48")
     assert result.returncode == 0, result.stderr[-3000:]
     base, larger = table_rows(result.stdout)
     assert (base["input"], larger["input"]) == ("32x32", "48x48")
@@ -57,7 +57,7 @@ def test_size_sweep_gives_the_first_size_a_cost_of_one():
 
 
 def test_batch_sweep_compares_images_per_second_with_the_first_batch_size():
-    result = run_script("bench/throughput.py", *TINY, "--batch-sweep", "4", "8")
+    result = run_in_process("bench/throughput.py", *TINY, "--batch-sweep", "4", "8")
     assert result.returncode == 0, result.stderr[-3000:]
     base, larger = table_rows(result.stdout)
     assert (base["batch"], larger["batch"]) == ("4", "8") and float(larger["images/s"]) > 0
@@ -93,6 +93,6 @@ def test_help_answers_without_importing_torch(script, a_default):
         ("throughput", ["--size-sweep", "32", "--batch-sweep", "128"], "--batch-sweep: not allowed with argument --size-sweep"),
     ],
 )
-def test_bad_flags_get_one_line_and_exit_2(script, args, fragment, monkeypatch, capsys):
-    result = run_in_process(f"bench/{script}.py", *args, monkeypatch=monkeypatch, capsys=capsys)
+def test_bad_flags_get_one_line_and_exit_2(script, args, fragment):
+    result = run_in_process(f"bench/{script}.py", *args)
     assert_one_line_error(result, f"{script}.py: error: ", fragment)

@@ -189,9 +189,9 @@ def test_class_folders_without_splits_are_refused(tmp_path):
 
 
 def test_data_path_benchmark_runs_and_prints_its_table():
-    from tests.helpers import run_script
+    from tests.helpers import run_in_process
 
-    result = run_script("bench/data.py", "--batch-size", "8", "--images", "64", "--repeats", "1", "--models", "resnet50_seed")
+    result = run_in_process("bench/data.py", "--batch-size", "8", "--images", "64", "--repeats", "1", "--models", "resnet50_seed")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "| data path (loader + augment + normalise) |" in result.stdout
     assert "| training resnet50_seed (" in result.stdout

@@ -77,9 +77,10 @@ def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_the_write(tmp_p
 @pytest.mark.parametrize("stop_signal, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_interrupted_run_resumes_to_the_planned_epoch_count(image_folder, tmp_path, stop_signal, exit_code):
     logdir = tmp_path / "logs"
-    # Batches of 4 make epochs of about a dozen steps, so the signal sent after step 4 lands mid-epoch.
+    planned_epochs = 2
+    # Batches of 4 make epochs of 15 steps, so the signal sent after the periodic checkpoint at step 4 lands mid-epoch.
     common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *SMALL, "--batch-size", "4"]
-    process = start_training(*common, "--epochs", "3", "--checkpoint-every-n-steps", "1")
+    process = start_training(*common, "--epochs", planned_epochs, "--checkpoint-every-n-steps", "4")
     last = logdir / "version_0" / "checkpoints" / "last.ckpt"
     seen = wait_for_step(last, 4, process)
     process.send_signal(stop_signal)
@@ -87,23 +88,22 @@ def test_interrupted_run_resumes_to_the_planned_epoch_count(image_folder, tmp_pa
     assert process.returncode == exit_code, stderr[-3000:]
     assert "Traceback" not in stderr
     interrupted = torch.load(last, map_location="cpu", weights_only=True)
-    assert interrupted["global_step"] >= seen and interrupted["epoch"] < 2
+    assert interrupted["global_step"] >= seen and interrupted["epoch"] < planned_epochs - 1
     if stop_signal == signal.SIGTERM:
         assert "stopped by SIGTERM; resume with --ckpt-path" in stderr
         assert json.loads((logdir / "version_0" / "run_info.json").read_text())["status"] == "interrupted"
 
-    resumed = run_script("train.py", *common, "--ckpt-path", "last")
+    resumed = run_in_process("train.py", *common, "--ckpt-path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert sorted(p.name for p in logdir.iterdir()) == ["version_0"]
     final = torch.load(last, map_location="cpu", weights_only=True)
-    assert final["epoch"] == 2 and final["global_step"] >= 3 * 3
-    assert json.loads((logdir / "version_0" / "run_info.json").read_text())["epochs"] == 3
+    assert final["epoch"] == planned_epochs - 1 and final["global_step"] == planned_epochs * 15
+    assert json.loads((logdir / "version_0" / "run_info.json").read_text())["epochs"] == planned_epochs
     # One validation per epoch, except (a known limitation, README "Reliability") when the stop landed
     # after an epoch's last training batch and before its validation: the resumed run goes on to the next epoch.
-    steps_per_epoch = final["global_step"] // 3
     between_training_and_validation = (
-        interrupted["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == steps_per_epoch)
-    assert len(scalar_tags(logdir / "version_0")["val/acc"]) == 3 - between_training_and_validation
+        interrupted["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 15)
+    assert len(scalar_tags(logdir / "version_0")["val/acc"]) == planned_epochs - between_training_and_validation
 
 
 FAULT_RUNNER = textwrap.dedent(
@@ -147,8 +147,8 @@ def test_hard_kill_mid_epoch_resumes_to_the_uninterrupted_result(deterministic_r
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches_done": 1}]
 
     location = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir]
-    resumed = run_script("train.py", *location, "--deterministic", "--log-every-n-steps", "1", "--progress-refresh", "0",
-                         "--accelerator", "cpu", "--ckpt-path", "last")
+    resumed = run_in_process("train.py", *location, "--deterministic", "--log-every-n-steps", "1", "--progress-refresh", "0",
+                             "--accelerator", "cpu", "--ckpt-path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "not resumable" not in resumed.stderr
     final = torch.load(last, map_location="cpu", weights_only=True)
@@ -180,8 +180,8 @@ def test_crash_mid_epoch_is_recorded_and_resumes_to_the_planned_epochs(determini
     assert failed["launches"][0]["status"] == "failed" and failed["launches"][0]["ended"]
 
     # The printed advice as it stands: the data, cache and log folders come from the run, not from flags.
-    resumed = run_script("train.py", "--deterministic", "--log-every-n-steps", "1", "--progress-refresh", "0",
-                         "--accelerator", "cpu", "--ckpt-path", last)
+    resumed = run_in_process("train.py", "--deterministic", "--log-every-n-steps", "1", "--progress-refresh", "0",
+                             "--accelerator", "cpu", "--ckpt-path", last)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     final = torch.load(last, map_location="cpu", weights_only=True)
     assert (final["global_step"], final["epoch"]) == (6, 1)
@@ -193,14 +193,14 @@ def test_crash_mid_epoch_is_recorded_and_resumes_to_the_planned_epochs(determini
         ("failed", "RuntimeError: disk controller fault"), ("finished", None)]
 
 
-def test_resume_refuses_flags_that_differ_from_the_run(trained_run, image_folder, monkeypatch, capsys):
+def test_resume_refuses_flags_that_differ_from_the_run(trained_run, image_folder):
     """Recipe and data flags that contradict the checkpoint's run are refused, all named at once; nothing is written."""
     run_dir, _ = trained_run
     last = run_dir / "checkpoints" / "last.ckpt"
     before = hashlib.sha256(last.read_bytes()).hexdigest(), sorted(p.name for p in run_dir.parent.iterdir())
     result = run_in_process("train.py", "--ckpt-path", last, "--data-dir", image_folder, "--logdir", run_dir.parent,
                             "--lr", "0.05", "--val-size", "10", "--input-size", "32", "--seed", "7", "--batch-size", "16",
-                            "--limit-train-batches", "2", "--ema-decay", "0.9", monkeypatch=monkeypatch, capsys=capsys)
+                            "--limit-train-batches", "2", "--ema-decay", "0.9")
     assert_one_line_error(result, str(last), "--lr 0.1, not 0.05", "--val-size 20, not 10", "--input-size 48, not 32",
                           "--limit-train-batches 1.0, not 2", "--ema-decay 0.0, not 0.9", "leave those flags out")
     assert "--seed" not in result.stderr and "--batch-size" not in result.stderr  # given as the run had them
@@ -292,11 +292,11 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def test_unwritable_logdir_is_refused_before_training(image_folder, tmp_path, monkeypatch, capsys):
+def test_unwritable_logdir_is_refused_before_training(image_folder, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     result = run_in_process("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
-                            "--logdir", blocker / "logs", *SMALL, monkeypatch=monkeypatch, capsys=capsys)
+                            "--logdir", blocker / "logs", *SMALL)
     assert_one_line_error(result, f"--logdir {blocker / 'logs'} is not writable")
 
 
@@ -356,10 +356,9 @@ def script_arguments(script, path, image_folder, tmp_path):
     "script, kind",
     [("evaluate.py", kind) for kind in FRAGMENTS] + [("train.py", "truncated"), ("predict.py", "plain"), ("export.py", "text")],
 )
-def test_bad_checkpoints_get_one_line_and_exit_2(bad_checkpoints, image_folder, tmp_path, script, kind, monkeypatch, capsys):
+def test_bad_checkpoints_get_one_line_and_exit_2(bad_checkpoints, image_folder, tmp_path, script, kind):
     path = bad_checkpoints[kind]
-    result = run_in_process(script, *script_arguments(script, path, image_folder, tmp_path),
-                            monkeypatch=monkeypatch, capsys=capsys)
+    result = run_in_process(script, *script_arguments(script, path, image_folder, tmp_path))
     assert_one_line_error(result, str(path), FRAGMENTS[kind])
     reason = re.search(r"\((.*)\); it may be truncated", result.stderr)
     if reason:  # the library's reason is cut to its first sentence, never mid-word
@@ -368,20 +367,22 @@ def test_bad_checkpoints_get_one_line_and_exit_2(bad_checkpoints, image_folder, 
 
 
 def test_debug_flag_shows_the_traceback(bad_checkpoints, tmp_path):
-    result = run_script("export.py", bad_checkpoints["text"], "--format", "onnx", "--out", tmp_path / "model.onnx", "--debug")
+    result = run_in_process("export.py", bad_checkpoints["text"], "--format", "onnx", "--out", tmp_path / "model.onnx", "--debug")
     assert result.returncode == 2 and "Traceback" in result.stderr
     assert FRAGMENTS["text"] in result.stderr.strip().splitlines()[-1]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without a GPU")
-def test_gpu_without_a_gpu_is_one_line(image_folder, tmp_path, monkeypatch, capsys):
+def test_gpu_without_a_gpu_is_one_line(image_folder, tmp_path):
     result = run_in_process("train.py", "--accelerator", "gpu", "--data-dir", image_folder, "--cache-dir", tmp_path / "c",
-                            "--logdir", tmp_path / "logs", "--val-size", "20", monkeypatch=monkeypatch, capsys=capsys)
+                            "--logdir", tmp_path / "logs", "--val-size", "20")
     assert_one_line_error(result, "--accelerator gpu: no CUDA GPU is available on this machine")
 
 
 def test_deterministic_runs_are_bit_identical(deterministic_run, image_folder, tmp_path):
-    first, second = deterministic_run, deterministic_train(image_folder, tmp_path / "logs", tmp_path / "cache")
+    """The reference run (in the test process) and a run in a fresh interpreter."""
+    first, second = deterministic_run, deterministic_train(image_folder, tmp_path / "logs", tmp_path / "cache",
+                                                           in_subprocess=True)
     assert len(first.losses) == 6 and first.losses == second.losses and first.test_line == second.test_line
     assert all(torch.equal(first.weights[key], second.weights[key]) for key in first.weights)
 
@@ -437,7 +438,7 @@ def test_ddp_on_two_cpu_processes_shards_data_and_syncs_metrics(image_folder, tm
     assert sorted(p.name for p in logdir.iterdir()) == ["version_0"]
     logged = scalar_tags(run_dir)["test/acc"][0]
     (best,) = (run_dir / "checkpoints").glob("best-*.ckpt")
-    evaluation = run_script("evaluate.py", best, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
-                            "--json", tmp_path / "eval.json")
+    evaluation = run_in_process("evaluate.py", best, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
+                                "--json", tmp_path / "eval.json")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert json.loads((tmp_path / "eval.json").read_text())["accuracy"] == pytest.approx(logged, abs=1e-6)

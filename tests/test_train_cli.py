@@ -2,6 +2,7 @@ import json
 import re
 import subprocess
 import sys
+import textwrap
 
 import pytest
 import torch
@@ -38,9 +39,9 @@ def test_train_end_to_end(trained_run, best_checkpoint):
 
 def test_last_checkpoint_is_the_last_epoch_even_without_improvement(image_folder, tmp_path):
     # A learning rate of 1e-12 leaves the validation accuracy where it was: epoch 2 saves no new best.
-    result = run_script("train.py", "--model", "resnet50_seed", "--epochs", "2", "--lr", "1e-12", "--scheduler", "none",
-                        "--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", tmp_path / "logs",
-                        *TINY_RUN)
+    result = run_in_process("train.py", "--model", "resnet50_seed", "--epochs", "2", "--lr", "1e-12", "--scheduler", "none",
+                            "--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", tmp_path / "logs",
+                            *TINY_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoints = tmp_path / "logs" / "version_0" / "checkpoints"
     assert [p.name for p in checkpoints.glob("best-*.ckpt")] == ["best-epoch=000.ckpt"]
@@ -89,7 +90,7 @@ def test_the_run_records_the_input_size_auto_chose_for_its_precision(determinist
 
 
 def test_vgg16_fast_dev_run(image_folder, cache_dir, tmp_path):
-    result = run_script(
+    result = run_in_process(
         "train.py", "--model", "vgg16", "--data-dir", image_folder, "--cache-dir", cache_dir,
         "--logdir", tmp_path / "logs", "--fast-dev-run", *TINY_RUN,
     )
@@ -99,7 +100,7 @@ def test_vgg16_fast_dev_run(image_folder, cache_dir, tmp_path):
 
 
 def test_help_documents_every_flag_with_its_default():
-    result = run_script("train.py", "--help")
+    result = run_in_process("train.py", "--help")
     assert result.returncode == 0
     text = " ".join(result.stdout.split())
     for flag in ["--model", "--stem", "--data-dir", "--epochs", "--batch-size", "--lr", "--optimizer",
@@ -116,36 +117,53 @@ def test_help_documents_every_flag_with_its_default():
     assert_each_default_stated_once(text)
 
 
-@pytest.mark.parametrize(
-    "script, args, error",
-    [
-        ("train", ["--help"], None),
-        ("train", ["--devices", "two"], "--devices takes a count"),
-        ("train", ["--accelerator", "gpu", "--devices", "99"], "--accelerator gpu: no CUDA GPU"),
-        ("train", ["--ckpt-path", "missing.ckpt"], "missing.ckpt: no such file"),
-        ("train", ["--init-from", "missing.pt"], "missing.pt: no such file"),
-        ("evaluate", ["--help"], None),
-        ("evaluate", ["missing.ckpt"], "missing.ckpt: no such file"),
-        ("predict", ["--help"], None),
-        ("predict", ["missing.ckpt", "README.md"], "missing.ckpt: no such file"),
-        ("predict", ["README.md", "missing.png"], "missing.png: no such file or folder"),
-        ("export", ["--help"], None),
-        ("export", ["missing.ckpt", "--format", "onnx", "--out", "missing.onnx"], "missing.ckpt: no such file"),
-    ],
-)
-def test_help_and_refusals_do_not_wait_for_lightning(script, args, error):
-    """Importing Lightning takes seconds; ``--help``, a refused flag and a mistyped checkpoint path answer without it."""
-    code = (f"import sys; from cli import run_main; import {script}\n"
-            f"try: run_main({script}.main, {args!r})\n"
-            "except SystemExit: pass\n"
-            "print('pytorch_lightning' in sys.modules)")
+HELP_AND_REFUSALS = {
+    "train": [(["--help"], None),
+              (["--devices", "two"], "--devices takes a count"),
+              (["--accelerator", "gpu", "--devices", "99"], "--accelerator gpu: no CUDA GPU"),
+              (["--ckpt-path", "missing.ckpt"], "missing.ckpt: no such file"),
+              (["--init-from", "missing.pt"], "missing.pt: no such file")],
+    "evaluate": [(["--help"], None),
+                 (["missing.ckpt"], "missing.ckpt: no such file")],
+    "predict": [(["--help"], None),
+                (["missing.ckpt", "README.md"], "missing.ckpt: no such file"),
+                (["README.md", "missing.png"], "missing.png: no such file or folder")],
+    "export": [(["--help"], None),
+               (["missing.ckpt", "--format", "onnx", "--out", "missing.onnx"], "missing.ckpt: no such file")],
+}
+
+
+@pytest.mark.parametrize("script", sorted(HELP_AND_REFUSALS))
+def test_help_and_refusals_do_not_wait_for_lightning(script):
+    """Importing Lightning takes seconds; ``--help``, a refused flag and a mistyped checkpoint path answer without it.
+
+    One interpreter per script answers its cases in turn, each with its own output: the first case that
+    imports Lightning is the one that fails.
+    """
+    cases = HELP_AND_REFUSALS[script]
+    code = textwrap.dedent(f"""
+        import contextlib, io, json, sys
+        from cli import run_main
+        import {script}
+        for args in {[args for args, _ in cases]!r}:
+            out, err = io.StringIO(), io.StringIO()
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    run_main({script}.main, args)
+                except SystemExit:
+                    pass
+            print(json.dumps([out.getvalue(), err.getvalue(), "pytorch_lightning" in sys.modules]))
+    """)
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines()[-1] == "False", result.stdout[-500:]
-    if error is None:
-        assert result.stdout.startswith("usage:") and result.stderr == ""
-    else:
-        assert result.stderr.count("\n") == 1 and error in result.stderr, result.stderr
+    answers = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(answers) == len(cases), result.stdout[-500:]
+    for (args, error), (out, err, imported_lightning) in zip(cases, answers):
+        assert not imported_lightning, args
+        if error is None:
+            assert out.startswith("usage:") and err == "", args
+        else:
+            assert err.count("\n") == 1 and error in err, (args, err)
 
 
 def test_a_reader_that_stops_early_ends_the_script_quietly():
@@ -196,9 +214,9 @@ def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
         (["--cutout", "33"], "--cutout: must be at most 32, the side of a CIFAR-10 image, got 33"),
     ],
 )
-def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path, image_folder, monkeypatch, capsys):
+def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path, image_folder):
     result = run_in_process("train.py", "--logdir", tmp_path / "logs", "--data-dir", image_folder,
-                            "--cache-dir", tmp_path / "cache", *args, monkeypatch=monkeypatch, capsys=capsys)
+                            "--cache-dir", tmp_path / "cache", *args)
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "logs").exists()
 
@@ -228,7 +246,7 @@ def make_unreadable_file(root):
         (make_unreadable_file, ["ship/0009.png is not a readable image"], False),
     ],
 )
-def test_bad_data_gets_one_line_and_exit_2(tmp_path, prepare, fragments, in_subprocess, monkeypatch, capsys):
+def test_bad_data_gets_one_line_and_exit_2(tmp_path, prepare, fragments, in_subprocess, monkeypatch):
     data = tmp_path / "data"
     prepare(data)
     arguments = ["--data-dir", data, "--cache-dir", tmp_path / "cache", "--logdir", tmp_path / "logs", *TINY_RUN]
@@ -239,6 +257,6 @@ def test_bad_data_gets_one_line_and_exit_2(tmp_path, prepare, fragments, in_subp
     else:
         for name, value in offline.items():
             monkeypatch.setenv(name, value)
-        result = run_in_process("train.py", *arguments, monkeypatch=monkeypatch, capsys=capsys)
+        result = run_in_process("train.py", *arguments)
     assert_one_line_error(result, str(data), *fragments)
     assert not (tmp_path / "logs").exists()

@@ -15,14 +15,13 @@ def final_weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
 
 
-def test_resume_continues_the_same_run_and_matches_an_uninterrupted_one(deterministic_run, image_folder, tmp_path,
-                                                                         monkeypatch, capsys):
+def test_resume_continues_the_same_run_and_matches_an_uninterrupted_one(deterministic_run, image_folder, tmp_path):
     """Stopped after epoch 1 of 2 and resumed: the same curves, weights and test line as the uninterrupted run."""
     common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", tmp_path / "split", *DETERMINISTIC_RUN]
-    first = run_script("train.py", *common, "--stop-after-epochs", "1")
+    first = run_in_process("train.py", *common, "--stop-after-epochs", "1")
     assert first.returncode == 0, first.stderr[-3000:]
     assert json.loads((tmp_path / "split" / "version_0" / "run_info.json").read_text())["epochs"] == 1
-    resumed = run_script("train.py", *common, "--ckpt-path", "last")
+    resumed = run_in_process("train.py", *common, "--ckpt-path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
 
     assert sorted(p.name for p in (tmp_path / "split").iterdir()) == ["version_0"]
@@ -36,8 +35,7 @@ def test_resume_continues_the_same_run_and_matches_an_uninterrupted_one(determin
     checkpoint = torch.load(tmp_path / "split" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["epoch"] == 1 and checkpoint["global_step"] == 6  # 2 epochs of 3 steps
 
-    other_plan = run_in_process("train.py", *common, "--ckpt-path", "last", "--epochs", "5",
-                                monkeypatch=monkeypatch, capsys=capsys)
+    other_plan = run_in_process("train.py", *common, "--ckpt-path", "last", "--epochs", "5")
     assert_one_line_error(other_plan, "planned for 2 epochs", "--epochs 2")
 
     # run_info.json keeps the first command line and records each launch; the pause between them is not running time.
@@ -88,10 +86,10 @@ def test_init_strict_and_non_strict(best_checkpoint, tmp_path):
     assert torch.equal(model.conv1.weight, source["model.conv1.weight"])
 
 
-def test_init_from_on_the_command_line(best_checkpoint, image_folder, tmp_path, monkeypatch, capsys):
+def test_init_from_on_the_command_line(best_checkpoint, image_folder, tmp_path):
     """The seed's workflow in one command: load weights, train one epoch on the CPU, print the test accuracy."""
     common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", tmp_path / "logs", *TINY_RUN]
-    result = run_script("train.py", "--init-from", best_checkpoint, "--epochs", "1", *common)
+    result = run_in_process("train.py", "--init-from", best_checkpoint, "--epochs", "1", *common)
     assert result.returncode == 0, result.stderr[-3000:]
     assert f"Initialised from {best_checkpoint}\n" in result.stdout
     assert re.search(r"Test accuracy: \d+\.\d\d %$", result.stdout.strip())
@@ -101,17 +99,17 @@ def test_init_from_on_the_command_line(best_checkpoint, image_folder, tmp_path, 
     from models import get_model
 
     torch.save(get_model("vgg16").state_dict(), vgg)
-    refused = run_in_process("train.py", "--init-from", vgg, "--fast-dev-run", *common, monkeypatch=monkeypatch, capsys=capsys)
+    refused = run_in_process("train.py", "--init-from", vgg, "--fast-dev-run", *common)
     assert_one_line_error(refused, f"{vgg} does not fit --model", "missing: conv1.weight", "unexpected: features.0.weight")
     loose = run_in_process("train.py", "--model", "vgg16", "--init-from", best_checkpoint, "--init-strict", "false",
-                           "--fast-dev-run", *common, monkeypatch=monkeypatch, capsys=capsys)
+                           "--fast-dev-run", *common)
     assert loose.returncode == 2 and "none of its weights fits" in loose.stderr
 
 
 def test_evaluate_prints_and_writes_the_report(trained_run, best_checkpoint, image_folder, tmp_path):
     _, training = trained_run
     report = tmp_path / "report.json"
-    result = run_script("evaluate.py", best_checkpoint, "--json", report)  # the data the run trained on, by default
+    result = run_in_process("evaluate.py", best_checkpoint, "--json", report)  # the data the run trained on, by default
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.splitlines()[0] == training.stdout.strip().splitlines()[-1]  # same test accuracy
     assert "Per-class accuracy:" in result.stdout and "Confusion matrix" in result.stdout
@@ -123,14 +121,14 @@ def test_evaluate_prints_and_writes_the_report(trained_run, best_checkpoint, ima
     assert data["model"] == "resnet50" and data["class_names"][0] == "airplane"
     assert data["test_time_flip"] is True and data["test_time_shift"] == 0  # as train.py tested it, by default
 
-    single_view = run_script("evaluate.py", best_checkpoint, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
-                             "--test-time-flip", "false", "--test-time-shift", "1", "--json", report)
+    single_view = run_in_process("evaluate.py", best_checkpoint, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
+                                 "--test-time-flip", "false", "--test-time-shift", "1", "--json", report)
     assert single_view.returncode == 0, single_view.stderr[-3000:]
     data = json.loads(report.read_text())
     assert data["test_time_flip"] is False and data["test_time_shift"] == 1 and np.array(data["confusion_matrix"]).sum() == 30
 
 
-def test_evaluate_refuses_a_recorded_data_folder_that_is_gone(best_checkpoint, image_folder, tmp_path, monkeypatch, capsys):
+def test_evaluate_refuses_a_recorded_data_folder_that_is_gone(best_checkpoint, image_folder, tmp_path):
     checkpoint = torch.load(best_checkpoint, map_location="cpu", weights_only=True)
     assert checkpoint["CIFAR10DataModule"]["data_dir"] == str(image_folder.resolve())
     gone = tmp_path / "moved-away"
@@ -138,10 +136,10 @@ def test_evaluate_refuses_a_recorded_data_folder_that_is_gone(best_checkpoint, i
     moved = tmp_path / "moved.ckpt"
     torch.save(checkpoint, moved)
 
-    refused = run_in_process("evaluate.py", moved, monkeypatch=monkeypatch, capsys=capsys)
+    refused = run_in_process("evaluate.py", moved)
     assert_one_line_error(refused, f"{moved} was trained on {gone}, which is not there", "--data-dir")
     assert not gone.exists()  # nothing was downloaded into it
-    told = run_script("evaluate.py", moved, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache")
+    told = run_in_process("evaluate.py", moved, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache")
     assert told.returncode == 0 and told.stdout.startswith("Test accuracy: "), told.stderr[-3000:]
 
 
@@ -159,7 +157,7 @@ def prediction_inputs(tmp_path):
 
 
 def test_predict_on_files_and_folders(best_checkpoint, prediction_inputs, tmp_path):
-    result = run_script("predict.py", best_checkpoint, prediction_inputs, "--top-k", "3", "--json")
+    result = run_in_process("predict.py", best_checkpoint, prediction_inputs, "--top-k", "3", "--json")
     assert result.returncode == 1  # one file was not an image
     assert "notes.txt is not a readable image" in result.stderr and "Traceback" not in result.stderr
     data = json.loads(result.stdout)
@@ -171,14 +169,14 @@ def test_predict_on_files_and_folders(best_checkpoint, prediction_inputs, tmp_pa
         assert len(probabilities) == 3 and probabilities == sorted(probabilities, reverse=True)
         assert 0 < sum(probabilities) <= 1.0 + 1e-5
 
-    text = run_script("predict.py", best_checkpoint, prediction_inputs / "small.png", "--top-k", "2")
+    text = run_in_process("predict.py", best_checkpoint, prediction_inputs / "small.png", "--top-k", "2")
     assert text.returncode == 0
     assert re.fullmatch(r".*small\.png: \w+ \d+\.\d%, \w+ \d+\.\d%\n", text.stdout)
 
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert_one_line_error(run_script("predict.py", best_checkpoint, empty), "empty folder")
-    assert_one_line_error(run_script("predict.py", best_checkpoint, tmp_path / "nope.png"), "nope.png: no such file")
+    assert_one_line_error(run_in_process("predict.py", best_checkpoint, empty), "empty folder")
+    assert_one_line_error(run_in_process("predict.py", best_checkpoint, tmp_path / "nope.png"), "nope.png: no such file")
 
 
 @pytest.fixture(scope="module")
@@ -188,7 +186,7 @@ def exported(best_checkpoint, tmp_path_factory):
     files = {}
     for export_format in ("onnx", "torchscript"):
         out = folder / f"model.{export_format}"
-        files[export_format] = out, run_script("export.py", best_checkpoint, "--format", export_format, "--out", out)
+        files[export_format] = out, run_in_process("export.py", best_checkpoint, "--format", export_format, "--out", out)
     return files
 
 
@@ -225,8 +223,8 @@ def test_export_matches_pytorch(best_checkpoint, exported, export_format):
 def test_predict_runs_an_exported_onnx_model(best_checkpoint, exported, prediction_inputs):
     out, export = exported["onnx"]
     assert export.returncode == 0, export.stderr[-3000:]
-    from_onnx = run_script("predict.py", out, prediction_inputs / "small.png", prediction_inputs / "large.jpg", "--json")
-    from_ckpt = run_script("predict.py", best_checkpoint, prediction_inputs / "small.png", prediction_inputs / "large.jpg", "--json")
+    from_onnx = run_in_process("predict.py", out, prediction_inputs / "small.png", prediction_inputs / "large.jpg", "--json")
+    from_ckpt = run_in_process("predict.py", best_checkpoint, prediction_inputs / "small.png", prediction_inputs / "large.jpg", "--json")
     assert from_onnx.returncode == 0 and from_ckpt.returncode == 0
     onnx_results, ckpt_results = json.loads(from_onnx.stdout)["results"], json.loads(from_ckpt.stdout)["results"]
     for a, b in zip(onnx_results, ckpt_results):
@@ -256,31 +254,30 @@ def test_tensorboard_gets_images_text_per_class_scalars_and_hparams(trained_run)
     assert tags["hp/test_acc"] == tags["test/acc"]
 
 
-def test_plot_results_draws_runs_into_a_png_and_refuses_folders_without_curves(trained_run, tmp_path, monkeypatch, capsys):
+def test_plot_results_draws_runs_into_a_png_and_refuses_folders_without_curves(trained_run, tmp_path):
     run_dir, _ = trained_run
     out = tmp_path / "plots" / "curves.png"
-    drawn = run_script("bench/plot_results.py", run_dir, tmp_path, "--out", out)
+    drawn = run_in_process("bench/plot_results.py", run_dir, tmp_path, "--out", out)
     assert drawn.returncode == 0, drawn.stderr[-3000:]
     assert f"skipped {tmp_path}: no val/acc" in drawn.stderr
     image = Image.open(out)
     assert image.format == "PNG" and image.size == (880, 550)
     assert len(set(image.convert("RGB").getdata())) > 20  # axes, curve and legend, not a blank canvas
 
-    nothing = run_in_process("bench/plot_results.py", tmp_path, "--out", tmp_path / "empty.png",
-                             monkeypatch=monkeypatch, capsys=capsys)
+    nothing = run_in_process("bench/plot_results.py", tmp_path, "--out", tmp_path / "empty.png")
     assert_one_line_error(nothing, f"plot_results.py: error: {tmp_path} holds no val/acc curve")
     assert not (tmp_path / "empty.png").exists()
 
 
-def test_summarize_prints_a_row_per_run_and_refuses_folders_that_are_not_runs(trained_run, tmp_path, monkeypatch, capsys):
+def test_summarize_prints_a_row_per_run_and_refuses_folders_that_are_not_runs(trained_run, tmp_path):
     run_dir, _ = trained_run
-    table = run_script("bench/summarize.py", run_dir, tmp_path)
+    table = run_in_process("bench/summarize.py", run_dir, tmp_path)
     assert table.returncode == 0, table.stderr[-3000:]
     assert f"skipped {tmp_path}: not a train.py run folder" in table.stderr
     header, rule, *rows = table.stdout.strip().splitlines()
     assert header.startswith("| model |") and len(rows) == 1
     assert rows[0].startswith("| resnet50 | imagenet |") and "train.py" in rows[0]
 
-    nothing = run_in_process("bench/summarize.py", tmp_path, monkeypatch=monkeypatch, capsys=capsys)
+    nothing = run_in_process("bench/summarize.py", tmp_path)
     assert_one_line_error(nothing, f"summarize.py: error: {tmp_path} is not a train.py run folder")
     assert nothing.stdout == ""
