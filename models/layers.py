@@ -42,35 +42,55 @@ def _dense_tap_index(
 
 
 class Conv2d(nn.Conv2d):
-    """``nn.Conv2d`` that, on a CPU, computes a convolution over a tiny map as one matrix product.
+    """``nn.Conv2d`` that, on a CPU, computes 1x1 convolutions and convolutions over tiny maps as matrix products.
 
-    When every output pixel's window covers the whole input map (a 3x3 convolution
-    with padding 1 on a 1x1 or 2x2 map, or a strided one from 2x2 to 1x1), the
-    convolution is a fully connected layer: output pixel ``o`` takes input pixel
-    ``i`` through exactly one kernel tap, and the taps that fall on the zero padding
-    add nothing. The ImageNet-stem ResNet-50's last stage and VGG-16's last block
-    see such maps on 32x32 to 48x48 images. The layer then gathers the taps into
-    an ``(output pixels x output channels, input pixels x input channels)`` matrix
-    and multiplies by it: the convolution's values up to rounding. On a CPU at
-    32-bit, oneDNN's backward pass of a 3x3 convolution on a 1x1 map took about
-    200 ms for a batch of 128, a third of ResNet-50's whole training step at
-    32x32; with the matrix products ResNet-50 trains 1.69x faster there and
-    VGG-16 1.12x (``bench/throughput.py``, RESULTS.md, "Convolutions on tiny
-    maps"). Other maps, and other devices (not measured), take ``nn.Conv2d``'s
-    path. The weight keeps its shape, so parameters, checkpoints and
-    initialisation are those of ``nn.Conv2d``. ``set_dense_tiny_maps(model,
-    False)`` sends every map through ``nn.Conv2d`` (``bench/throughput.py`` times both).
+    Two cases where a convolution is a plain matrix product, and oneDNN's
+    convolution (its backward pass above all) is slower than the product on a CPU:
+
+    * A 1x1 convolution with no padding on a channels-last batch: each output
+      pixel is the weight matrix times one input pixel's channels (every
+      ``stride``-th pixel). The batch's pixels are rows of a ``(pixels, channels)``
+      matrix without a copy, so the layer is ``F.linear`` over them, and its
+      output is channels-last again. ResNet-50's bottlenecks hold 36 such
+      convolutions (switch: ``pointwise_as_matrix``).
+    * Every output pixel's window covers the whole input map (a 3x3 convolution
+      with padding 1 on a 1x1 or 2x2 map, or a strided one from 2x2 to 1x1):
+      output pixel ``o`` takes input pixel ``i`` through exactly one kernel tap,
+      and the taps that fall on the zero padding add nothing. The ImageNet-stem
+      ResNet-50's last stage and VGG-16's last block see such maps on 32x32 to
+      48x48 images. The layer gathers the taps into an ``(output pixels x output
+      channels, input pixels x input channels)`` matrix and multiplies by it
+      (switch: ``dense_tiny_maps``). On a CPU at 32-bit, oneDNN's backward pass of a 3x3
+      convolution on a 1x1 map took about 200 ms for a batch of 128, a third of
+      ResNet-50's whole training step at 32x32.
+
+    Both give the convolution's values up to rounding. ``bench/throughput.py`` times
+    each against ``nn.Conv2d`` (RESULTS.md, "Convolutions on tiny maps" and "1x1
+    convolutions as matrix products"). Other maps, channels-first batches for the
+    1x1 case, and other devices (not measured) take ``nn.Conv2d``'s path. The
+    weight keeps its shape, so parameters, checkpoints and initialisation are those
+    of ``nn.Conv2d``. ``set_matrix_paths(model, ...)`` switches either path off.
     """
 
+    pointwise_as_matrix = True
     dense_tiny_maps = True
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.device.type != "cpu" or x.dim() != 4 or self.groups != 1:
+            return super().forward(x)
+        if (
+            self.pointwise_as_matrix
+            and self.kernel_size == (1, 1)
+            and self.padding == (0, 0)
+            and x.is_contiguous(memory_format=torch.channels_last)
+        ):
+            if self.stride != (1, 1):
+                x = x[:, :, :: self.stride[0], :: self.stride[1]]
+            out = F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
+            return out.permute(0, 3, 1, 2)
         dense = None
         if (
             self.dense_tiny_maps
-            and x.device.type == "cpu"
-            and x.dim() == 4
-            and self.groups == 1
             and self.dilation == (1, 1)
             and self.padding_mode == "zeros"
             and not isinstance(self.padding, str)
@@ -92,8 +112,15 @@ class Conv2d(nn.Conv2d):
         return out.view(-1, out_height, out_width, self.out_channels).permute(0, 3, 1, 2)
 
 
-def set_dense_tiny_maps(model: nn.Module, enabled: bool) -> None:
-    """Switch the matrix-product path of every ``Conv2d`` in ``model`` on or off."""
+PATH_SWITCHES = ("pointwise_as_matrix", "dense_tiny_maps")
+
+
+def set_matrix_paths(model: nn.Module, **switches: bool) -> None:
+    """Switch the matrix-product paths of every ``Conv2d`` in ``model``: ``pointwise_as_matrix``, ``dense_tiny_maps``."""
+    unknown = set(switches) - set(PATH_SWITCHES)
+    if unknown:
+        raise ValueError(f"unknown path switch {', '.join(sorted(unknown))}; choose from {', '.join(PATH_SWITCHES)}")
     for module in model.modules():
         if isinstance(module, Conv2d):
-            module.dense_tiny_maps = enabled
+            for name, enabled in switches.items():
+                setattr(module, name, enabled)

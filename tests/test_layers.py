@@ -3,7 +3,7 @@ import torch
 from torch import nn
 
 from models import get_model
-from models.layers import Conv2d, set_dense_tiny_maps
+from models.layers import Conv2d, set_matrix_paths
 
 
 def paired_convs(in_channels, out_channels, bias, **conv_options):
@@ -44,6 +44,7 @@ def test_tiny_map_matrix_product_equals_the_convolution_with_its_gradients(
     monkeypatch, kernel, stride, padding, height, width, bias, channels_last
 ):
     reference, layer = paired_convs(6, 5, bias, kernel_size=kernel, stride=stride, padding=padding)
+    layer.pointwise_as_matrix = False  # the tiny-map path alone
     images = torch.randn(4, 6, height, width)
     if channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
@@ -77,11 +78,70 @@ def test_tiny_map_matrix_product_equals_the_convolution_with_its_gradients(
 )
 def test_other_maps_and_options_take_the_convolution(monkeypatch, conv_options, height):
     reference, layer = paired_convs(4, 6, True, **conv_options)
+    layer.pointwise_as_matrix = False  # the tiny-map path alone
     images = torch.randn(2, 4, height, height)
     conv_calls = count_conv2d_calls(monkeypatch)
     found = layer(images)
     assert len(conv_calls) == 1
     torch.testing.assert_close(found, reference(images))
+
+
+POINTWISE = [
+    # (stride, input height, input width)
+    (1, 4, 4),  # ResNet-50's bottleneck 1x1 convolutions
+    (2, 4, 4),  # its strided shortcuts
+    (2, 2, 2),  # 2x2 -> 1x1, the last stage's shortcut at 32x32
+    (2, 5, 3),  # odd and not square: the last row and column are kept
+    (1, 1, 1),
+]
+
+
+@pytest.mark.parametrize("stride, height, width", POINTWISE)
+@pytest.mark.parametrize("bias", [False, True])
+def test_pointwise_matrix_product_equals_the_convolution_with_its_gradients(monkeypatch, stride, height, width, bias):
+    reference, layer = paired_convs(6, 5, bias, kernel_size=1, stride=stride)
+    layer.dense_tiny_maps = False  # the 1x1 path alone
+    images = torch.randn(4, 6, height, width).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+
+    expected = reference(images)
+    expected_grads = torch.autograd.grad(expected.pow(2).sum(), [images, *reference.parameters()])
+    conv_calls = count_conv2d_calls(monkeypatch)
+    found = layer(images)
+    found_grads = torch.autograd.grad(found.pow(2).sum(), [images, *layer.parameters()])
+
+    assert conv_calls == []
+    assert found.shape == expected.shape and found.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
+    for found_grad, expected_grad in zip(found_grads, expected_grads, strict=True):
+        torch.testing.assert_close(found_grad, expected_grad, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("conv_options", [{"stride": 1}, {"padding": 1}, {"groups": 2}])
+def test_pointwise_path_takes_only_channels_last_batches_without_padding_or_groups(monkeypatch, conv_options):
+    reference, layer = paired_convs(4, 6, True, kernel_size=1, **conv_options)
+    images = torch.randn(2, 4, 3, 3)  # channels-first
+    if conv_options != {"stride": 1}:
+        images = images.contiguous(memory_format=torch.channels_last)
+    conv_calls = count_conv2d_calls(monkeypatch)
+    found = layer(images)
+    assert len(conv_calls) == 1
+    torch.testing.assert_close(found, reference(images))
+
+
+def test_matrix_paths_switch_off_per_layer_and_per_network(monkeypatch):
+    _, layer = paired_convs(4, 6, False, kernel_size=1)
+    layer.pointwise_as_matrix = False
+    conv_calls = count_conv2d_calls(monkeypatch)
+    layer(torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last))
+    assert len(conv_calls) == 1
+
+    model = get_model("resnet50")
+    set_matrix_paths(model, pointwise_as_matrix=False)
+    convs = [module for module in model.modules() if isinstance(module, Conv2d)]
+    assert len(convs) == 52 and not any(conv.pointwise_as_matrix for conv in convs)  # all but the stem
+    assert all(conv.dense_tiny_maps for conv in convs)
+    with pytest.raises(ValueError, match="unknown path switch dense; choose from pointwise_as_matrix, dense_tiny_maps"):
+        set_matrix_paths(model, dense=False)
 
 
 def test_dense_tiny_maps_false_takes_the_convolution(monkeypatch):
@@ -100,7 +160,7 @@ def test_layer_keeps_the_convolution_weights_shape_and_state_dict_keys():
 
 
 @pytest.mark.parametrize("name, size", [("resnet50", 32), ("resnet50", 48), ("vgg16", 32)])
-def test_networks_give_the_convolution_path_results_on_tiny_maps(monkeypatch, name, size):
+def test_networks_give_the_convolution_path_results(monkeypatch, name, size):
     # float64: in training mode a fresh network's BatchNorm on 1x1 maps amplifies float32
     # rounding in the gradients to several percent, whichever path computes them
     torch.manual_seed(0)
@@ -111,9 +171,9 @@ def test_networks_give_the_convolution_path_results_on_tiny_maps(monkeypatch, na
     logits = model(images)
     grads = torch.autograd.grad(logits.logsumexp(1).sum(), list(model.parameters()))
     dense_conv_calls = len(conv_calls)
-    set_dense_tiny_maps(model, False)
+    set_matrix_paths(model, pointwise_as_matrix=False, dense_tiny_maps=False)
     reference_logits = model(images)
-    assert dense_conv_calls < len(conv_calls) - dense_conv_calls  # the tiny maps took the matrix product
+    assert dense_conv_calls < len(conv_calls) - dense_conv_calls  # tiny maps and 1x1s took the matrix products
     reference_grads = torch.autograd.grad(reference_logits.logsumexp(1).sum(), list(model.parameters()))
 
     torch.testing.assert_close(logits, reference_logits, rtol=1e-10, atol=1e-10)
