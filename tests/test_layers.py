@@ -27,6 +27,21 @@ def float64_reference(reference: nn.Conv2d, images: torch.Tensor) -> tuple[torch
     return output.float(), [grad.float() for grad in grads]
 
 
+def assert_matrix_path_gives_the_convolution(monkeypatch, reference, layer, images) -> tuple[list, list]:
+    """``layer`` computes ``images`` without F.conv2d, with ``reference``'s output and gradients; both sets of gradients."""
+    expected, expected_grads = float64_reference(reference, images)
+    conv_calls = count_conv2d_calls(monkeypatch)
+    found = layer(images)
+    found_grads = torch.autograd.grad(found.pow(2).sum(), [images, *layer.parameters()])
+
+    assert conv_calls == []  # the matrix product, not the convolution, computed it
+    assert found.shape == expected.shape
+    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
+    for found_grad, expected_grad in zip(found_grads, expected_grads, strict=True):
+        torch.testing.assert_close(found_grad, expected_grad, rtol=1e-5, atol=1e-5)
+    return found_grads, expected_grads
+
+
 def count_conv2d_calls(monkeypatch) -> list:
     calls = []
     original = torch.nn.functional.conv2d
@@ -63,19 +78,9 @@ def test_tiny_map_matrix_product_equals_the_convolution_with_its_gradients(
         images = images.contiguous(memory_format=torch.channels_last)
     images.requires_grad_(True)
 
-    expected, expected_grads = float64_reference(reference, images)
-    conv_calls = count_conv2d_calls(monkeypatch)
-    found = layer(images)
-    found_grads = torch.autograd.grad(found.pow(2).sum(), [images, *layer.parameters()])
-
-    assert conv_calls == []  # the matrix product, not the convolution, computed it
-    assert found.shape == expected.shape
-    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
-    for found_grad, expected_grad in zip(found_grads, expected_grads, strict=True):
-        torch.testing.assert_close(found_grad, expected_grad, rtol=1e-5, atol=1e-5)
+    found_grads, expected_grads = assert_matrix_path_gives_the_convolution(monkeypatch, reference, layer, images)
     # the taps that only ever meet the zero padding get no gradient, as in nn.Conv2d
-    weight_grad = found_grads[1]
-    assert torch.equal(weight_grad == 0, expected_grads[1] == 0)
+    assert torch.equal(found_grads[1] == 0, expected_grads[1] == 0)
 
 
 @pytest.mark.parametrize(
@@ -115,16 +120,8 @@ def test_pointwise_matrix_product_equals_the_convolution_with_its_gradients(monk
     layer.dense_tiny_maps = False  # the 1x1 path alone
     images = torch.randn(4, 6, height, width).contiguous(memory_format=torch.channels_last).requires_grad_(True)
 
-    expected, expected_grads = float64_reference(reference, images)
-    conv_calls = count_conv2d_calls(monkeypatch)
-    found = layer(images)
-    found_grads = torch.autograd.grad(found.pow(2).sum(), [images, *layer.parameters()])
-
-    assert conv_calls == []
-    assert found.shape == expected.shape and found.is_contiguous(memory_format=torch.channels_last)
-    torch.testing.assert_close(found, expected, rtol=1e-5, atol=1e-5)
-    for found_grad, expected_grad in zip(found_grads, expected_grads, strict=True):
-        torch.testing.assert_close(found_grad, expected_grad, rtol=1e-5, atol=1e-5)
+    assert_matrix_path_gives_the_convolution(monkeypatch, reference, layer, images)
+    assert layer(images).is_contiguous(memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("conv_options", [{"stride": 1}, {"padding": 1}, {"groups": 2}])
@@ -139,13 +136,19 @@ def test_pointwise_path_takes_only_channels_last_batches_without_padding_or_grou
     torch.testing.assert_close(found, reference(images))
 
 
-def test_matrix_paths_switch_off_per_layer_and_per_network(monkeypatch):
-    _, layer = paired_convs(4, 6, False, kernel_size=1)
-    layer.pointwise_as_matrix = False
+@pytest.mark.parametrize(
+    "switch, conv_options, height",
+    [("dense_tiny_maps", {"kernel_size": 3, "padding": 1}, 1), ("pointwise_as_matrix", {"kernel_size": 1}, 3)],
+)
+def test_a_switched_off_path_takes_the_convolution(monkeypatch, switch, conv_options, height):
+    _, layer = paired_convs(4, 6, False, **conv_options)
+    setattr(layer, switch, False)
     conv_calls = count_conv2d_calls(monkeypatch)
-    layer(torch.randn(2, 4, 3, 3).contiguous(memory_format=torch.channels_last))
+    layer(torch.randn(2, 4, height, height).contiguous(memory_format=torch.channels_last))
     assert len(conv_calls) == 1
 
+
+def test_set_matrix_paths_switches_every_layer_of_a_network():
     model = get_model("resnet50")
     set_matrix_paths(model, pointwise_as_matrix=False)
     convs = [module for module in model.modules() if isinstance(module, Conv2d)]
@@ -153,14 +156,6 @@ def test_matrix_paths_switch_off_per_layer_and_per_network(monkeypatch):
     assert all(conv.dense_tiny_maps for conv in convs)
     with pytest.raises(ValueError, match="unknown path switch dense; choose from pointwise_as_matrix, dense_tiny_maps"):
         set_matrix_paths(model, dense=False)
-
-
-def test_dense_tiny_maps_false_takes_the_convolution(monkeypatch):
-    _, layer = paired_convs(4, 6, False, kernel_size=3, padding=1)
-    layer.dense_tiny_maps = False
-    conv_calls = count_conv2d_calls(monkeypatch)
-    layer(torch.randn(2, 4, 1, 1))
-    assert len(conv_calls) == 1
 
 
 def test_layer_keeps_the_convolution_weights_shape_and_state_dict_keys():
