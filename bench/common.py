@@ -89,6 +89,38 @@ class PlainStep:
         return time.perf_counter() - start
 
 
+class MatrixProductStep:
+    """One ``size x size`` by ``size x size`` matrix product at ``precision``'s compute type (bf16 for the bf16
+    precisions, else fp32): the FLOP rate this CPU reaches on a large, well-shaped problem, the ceiling that a
+    network's training step, mostly matrix products and convolutions, can approach. Calling it returns the
+    product's seconds (the arguments, a batch, are ignored, so it can take turns with ``PlainStep``s).
+    """
+
+    def __init__(self, size: int, precision: str) -> None:
+        dtype = torch.bfloat16 if precision.startswith("bf16") else torch.float32
+        generator = torch.Generator().manual_seed(0)
+        self.left, self.right = (torch.randn(size, size, generator=generator).to(dtype) for _ in range(2))
+        self.flops = 2 * size**3
+
+    def __call__(self, *batch) -> float:
+        start = time.perf_counter()
+        torch.mm(self.left, self.right)
+        return time.perf_counter() - start
+
+
+def training_step_flops(step: PlainStep, images: torch.Tensor, labels: torch.Tensor) -> int:
+    """FLOPs of one training step as torch's ``FlopCounterMode`` counts them: the matrix products and
+    convolutions of the forward and backward passes (a multiply-add is two FLOPs). Elementwise work
+    (BatchNorm, ReLU, the optimiser) is not counted, so FLOPs over a step's seconds is the rate of the
+    work a faster kernel could speed up, comparable with :class:`MatrixProductStep`'s.
+    """
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        step(images, labels)
+    return counter.get_total_flops()
+
+
 def interleaved_step_seconds(variants: dict[str, PlainStep], batch_size: int | Mapping[str, int], steps: int,
                              warmup: int) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Each variant trains one step in turn, ``warmup + steps`` rounds; the seconds of the timed steps per variant.

@@ -6,6 +6,7 @@
     python bench/throughput.py --input-size 48       # everything at the size train.py gives resnet50 in bf16
     python bench/throughput.py --models resnet50 --size-sweep 32 40 48 56 64
     python bench/throughput.py --models resnet50 --input-size 48 --batch-sweep 128 256 512
+    python bench/throughput.py --flop-rate           # how close a training step comes to a large matrix product
 
 For each model, in one process:
   (a) LitClassifier inside the Lightning Trainer, as train.py runs it (logger,
@@ -28,7 +29,12 @@ For each model, in one process:
   ``--size-sweep``, the plain loop at each input size and its cost relative to
   the first size (what a higher ``--input-size`` costs per epoch); with
   ``--batch-sweep``, the plain loop at each batch size and its images/s relative to
-  the first (whether a larger ``--batch-size`` shortens an epoch on this CPU).
+  the first (whether a larger ``--batch-size`` shortens an epoch on this CPU); with
+  ``--flop-rate``, the plain loop's FLOP/s (torch's FLOP counter over one step:
+  the forward and backward matrix products and convolutions) against that of one
+  large matrix product at the same precision, taking turns: the share of the CPU's
+  best matrix-product rate that a training step reaches, and so how much any kernel
+  work could still gain.
 The machine is shared, and other load can slow everything 2x for minutes; taking
 turns step by step puts both sides of a ratio under the same load. Speeds are
 images/s at a variant's median step; ratios are the median of the step-by-step
@@ -45,6 +51,7 @@ from typing import Sequence
 import _path  # noqa: F401  (puts the project root on sys.path)
 from cli import ArgumentParser, non_negative_int, positive_int, resolve_precision, run_main
 
+DEFAULT_MATRIX_SIZE = 2048
 NO_NATIVE_BF16 = "no native bf16"  # the bf16 cell where this CPU has no bf16 instructions (auto picks fp32)
 
 
@@ -74,11 +81,20 @@ def build_parser() -> ArgumentParser:
                         help="instead: the plain loop's images/s (default precision) at each input size, taking turns step by step")
     sweeps.add_argument("--batch-sweep", type=positive_int, nargs="+", default=None, metavar="BATCH",
                         help="instead: the plain loop's images/s (default precision) at each batch size, taking turns step by step")
+    sweeps.add_argument("--flop-rate", action="store_true",
+                        help="instead: the plain loop's FLOP/s (default precision) against a large matrix product's, "
+                             "taking turns step by step")
+    parser.add_argument("--matrix-size", type=positive_int, default=None, metavar="N",
+                        help="with --flop-rate: the reference product multiplies two NxN matrices "
+                             f"(default: {DEFAULT_MATRIX_SIZE})")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)  # --help and a mistyped flag answer before the slow imports below
+    parser = build_parser()
+    args = parser.parse_args(argv)  # --help and a mistyped flag answer before the slow imports below
+    if args.matrix_size is not None and not args.flop_rate:
+        parser.error("--matrix-size: only with --flop-rate")
     from bench.common import (PlainStep, check_model_names, interleaved_step_seconds, markdown_table,
                               median_step_throughput, trainer_and_plain_step_seconds)
     from datamodules.cifar10 import IMAGE_SIZE
@@ -92,6 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.batch_sweep:
         batch_sweep(args, precision)
+        return 0
+    if args.flop_rate:
+        flop_rate(args, precision)
         return 0
     trial = dict(batch_size=args.batch_size, steps=args.steps, warmup=args.warmup, input_size=args.input_size)
 
@@ -199,6 +218,35 @@ def batch_sweep(args, precision: str) -> None:
     print(f"\nPlain-loop training throughput by batch size, images/s at the median step ({precision}, channels-last, "
           f"input {size}x{size}; {args.steps * args.repeats} rounds of one step at each batch size; CPU)\n")
     print(markdown_table(["model", "batch", "images/s", f"images/s vs batch {batches[0]}", "quartiles"], rows))
+
+
+def flop_rate(args, precision: str) -> None:
+    from bench.common import (MatrixProductStep, PlainStep, interleaved_step_seconds, markdown_table, median,
+                              median_step_throughput, quartiles, synthetic_images, training_step_flops)
+    from datamodules.cifar10 import IMAGE_SIZE
+
+    n = args.matrix_size or DEFAULT_MATRIX_SIZE
+    rows = []
+    for model in args.models:
+        step = PlainStep(model, precision, channels_last=True, input_size=args.input_size)
+        step_flops = training_step_flops(step, *synthetic_images(args.batch_size))
+        product = MatrixProductStep(n, precision)
+        seconds, _ = interleaved_step_seconds({"step": step, "product": product}, args.batch_size,
+                                              args.steps * args.repeats, args.warmup)
+        # the step's FLOP/s over the product's, round by round
+        shares = [(step_flops / step_seconds) / (product.flops / product_seconds)
+                  for step_seconds, product_seconds in zip(seconds["step"], seconds["product"], strict=True)]
+        low, middle, high = quartiles(shares)
+        rows.append([model, f"{median_step_throughput(seconds['step'], args.batch_size):.1f}",
+                     f"{step_flops / args.batch_size / 1e9:.3f}", f"{step_flops / median(seconds['step']) / 1e9:.3g}",
+                     f"{product.flops / median(seconds['product']) / 1e9:.3g}", f"{middle:.3f}", f"{low:.3f}-{high:.3f}"])
+        print(f"{model} done", flush=True)
+    size = args.input_size or IMAGE_SIZE
+    print(f"\nTraining FLOP rate against a {n}x{n} matrix product ({precision}, channels-last, batch {args.batch_size}, "
+          f"input {size}x{size}; {args.steps * args.repeats} rounds of one step and one product; CPU). FLOPs are "
+          "torch's count of the forward and backward matrix products and convolutions of one step.\n")
+    print(markdown_table(["model", "images/s", "training GFLOP per image", "step GFLOP/s", "product GFLOP/s",
+                          "step/product", "quartiles"], rows))
 
 
 if __name__ == "__main__":

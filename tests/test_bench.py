@@ -8,7 +8,8 @@ import pytest
 from cli import resolve_precision
 from tests.helpers import ROOT, assert_each_default_stated_once, assert_one_line_error, run_in_process, run_script
 
-TINY = ("--models", "resnet50_seed", "--steps", "2", "--warmup", "1", "--repeats", "1", "--batch-size", "8")
+# three timed rounds: the quartiles of two values would be extrapolated beyond them
+TINY = ("--models", "resnet50_seed", "--steps", "3", "--warmup", "1", "--repeats", "1", "--batch-size", "8")
 
 
 def table_rows(stdout: str) -> list[dict[str, str]]:
@@ -66,6 +67,27 @@ def test_batch_sweep_compares_images_per_second_with_the_first_batch_size():
     assert_ratio_within_quartiles(larger["images/s vs batch 4"], larger["quartiles"])
 
 
+def test_flop_rate_counts_the_forward_and_backward_passes_and_compares_them_with_a_matrix_product():
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from models import get_model
+
+    result = run_in_process("bench/throughput.py", *TINY, "--flop-rate", "--matrix-size", "64")
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = table_rows(result.stdout)
+    assert row["model"] == "resnet50_seed" and float(row["images/s"]) > 0
+    model = get_model("resnet50_seed")
+    with FlopCounterMode(display=False) as counter:
+        model(torch.zeros(1, 3, 32, 32))
+    forward = counter.get_total_flops()
+    stem = 2 * model.conv1.weight[0].numel() * model.conv1.out_channels * 16 * 16  # 7x7/2 stem: 16x16 outputs
+    # backward: an input and a weight gradient per layer, each as costly as its forward; the stem needs no input gradient
+    assert float(row["training GFLOP per image"]) == pytest.approx((3 * forward - stem) / 1e9, abs=6e-4)
+    assert float(row["step GFLOP/s"]) > 0 and float(row["product GFLOP/s"]) > 0
+    assert_ratio_within_quartiles(row["step/product"], row["quartiles"])
+
+
 @pytest.mark.parametrize("script, a_default", [("throughput", "(default: 128)"), ("data", "(default: 45000)"),
                                                ("plot_results", "(default: docs/val_acc_vs_time.png)"),
                                                ("summarize", "lightning_logs/version_N folders")])
@@ -92,6 +114,7 @@ def test_help_answers_without_importing_torch(script, a_default):
         ("data", ["--batch-size", "-8"], "--batch-size: must be a positive integer, got -8"),
         ("throughput", ["--batch-sweep", "128", "0"], "--batch-sweep: must be a positive integer, got 0"),
         ("throughput", ["--size-sweep", "32", "--batch-sweep", "128"], "--batch-sweep: not allowed with argument --size-sweep"),
+        ("throughput", ["--matrix-size", "512"], "--matrix-size: only with --flop-rate"),
     ],
 )
 def test_bad_flags_get_one_line_and_exit_2(script, args, fragment):
