@@ -222,7 +222,7 @@ def batch_sweep(args, precision: str) -> None:
 
 def flop_rate(args, precision: str) -> None:
     from bench.common import (MatrixProductStep, PlainStep, interleaved_step_seconds, markdown_table, median,
-                              median_step_throughput, quartiles, synthetic_images, training_step_flops)
+                              median_step_throughput, paired_ratios, quartiles, synthetic_images, training_step_flops)
     from datamodules.cifar10 import IMAGE_SIZE
 
     n = args.matrix_size or DEFAULT_MATRIX_SIZE
@@ -233,9 +233,8 @@ def flop_rate(args, precision: str) -> None:
         product = MatrixProductStep(n, precision)
         seconds, _ = interleaved_step_seconds({"step": step, "product": product}, args.batch_size,
                                               args.steps * args.repeats, args.warmup)
-        # the step's FLOP/s over the product's, round by round
-        shares = [(step_flops / step_seconds) / (product.flops / product_seconds)
-                  for step_seconds, product_seconds in zip(seconds["step"], seconds["product"], strict=True)]
+        # the step's FLOP/s over the product's, round by round: the FLOP ratio times the seconds' inverse ratio
+        shares = [step_flops / product.flops * ratio for ratio in paired_ratios(seconds["product"], seconds["step"])]
         low, middle, high = quartiles(shares)
         rows.append([model, f"{median_step_throughput(seconds['step'], args.batch_size):.1f}",
                      f"{step_flops / args.batch_size / 1e9:.3f}", f"{step_flops / median(seconds['step']) / 1e9:.3g}",
