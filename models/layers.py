@@ -65,8 +65,9 @@ class Conv2d(nn.Conv2d):
       ResNet-50's whole training step at 32x32.
 
     Both give the convolution's values up to rounding. ``bench/throughput.py`` times
-    each against ``nn.Conv2d`` (RESULTS.md, "Convolutions on tiny maps" and "1x1
-    convolutions as matrix products"). Other maps, channels-first batches for the
+    each against ``nn.Conv2d``, at 32-bit and under bf16 autocast (RESULTS.md,
+    "Convolutions on tiny maps", "1x1 convolutions as matrix products" and "The
+    matrix paths with bf16"). Other maps, channels-first batches for the
     1x1 case, and other devices (not measured) take ``nn.Conv2d``'s path. The
     weight keeps its shape, so parameters, checkpoints and initialisation are those
     of ``nn.Conv2d``. ``set_matrix_paths(model, ...)`` switches either path off.
@@ -86,8 +87,13 @@ class Conv2d(nn.Conv2d):
         ):
             if self.stride != (1, 1):
                 x = x[:, :, :: self.stride[0], :: self.stride[1]]
-            out = F.linear(x.permute(0, 2, 3, 1), self.weight.flatten(1), self.bias)
-            return out.permute(0, 3, 1, 2)
+            batch, _, height, width = x.shape
+            # One 2-D product. A strided selection is no longer one matrix in memory: reshape
+            # copies it into one, where F.linear over the 4-D view would, without autograd,
+            # multiply by a copy of the weight per image row (bmm: ResNet-50 validated 15x slower in bf16).
+            pixels = x.permute(0, 2, 3, 1).reshape(-1, self.in_channels)
+            out = F.linear(pixels, self.weight.flatten(1), self.bias)
+            return out.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
         dense = None
         if (
             self.dense_tiny_maps
