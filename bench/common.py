@@ -48,18 +48,20 @@ class PlainStep:
     each 32x32 batch is resized to that size before the model, as
     ``LitClassifier(input_size=...)`` does. With ``ema_decay`` each step also updates an
     exponential moving average of the weights, as ``train.py --ema-decay`` does. With
-    ``dense_tiny_maps=False`` the convolutions on tiny maps, and with
-    ``pointwise_as_matrix=False`` the 1x1 convolutions, run through ``nn.Conv2d``
-    instead of the matrix products of ``models.layers.Conv2d``. Calling it returns
-    the step's seconds.
+    ``dense_tiny_maps=False`` the convolutions on tiny maps, with
+    ``pointwise_as_matrix=False`` the 1x1 convolutions, and with
+    ``weight_grad_as_matrix=False`` the weight gradients on small maps run through
+    ``nn.Conv2d`` instead of the matrix products of ``models.layers.Conv2d``.
+    Calling it returns the step's seconds.
     """
 
     def __init__(self, model_name: str, precision: str, channels_last: bool, compile: bool = False,
                  input_size: int | None = None, ema_decay: float = 0.0, dense_tiny_maps: bool = True,
-                 pointwise_as_matrix: bool = True) -> None:
+                 pointwise_as_matrix: bool = True, weight_grad_as_matrix: bool = True) -> None:
         torch.manual_seed(0)
         model = get_model(model_name).train()
-        set_matrix_paths(model, dense_tiny_maps=dense_tiny_maps, pointwise_as_matrix=pointwise_as_matrix)
+        set_matrix_paths(model, dense_tiny_maps=dense_tiny_maps, pointwise_as_matrix=pointwise_as_matrix,
+                         weight_grad_as_matrix=weight_grad_as_matrix)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         if compile:

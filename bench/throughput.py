@@ -24,7 +24,8 @@ For each model, in one process:
   (``--ema-decay``) against none, convolutions on tiny maps as one matrix product
   (``models.layers.Conv2d``, always on in train.py) against oneDNN's convolution for
   every map, 1x1 convolutions as matrix products (also always on) against oneDNN's,
-  and with ``--compile`` the compiled model against
+  the weight gradients of convolutions with small output maps as one matrix product
+  (also always on) against oneDNN's weight-gradient kernel, and with ``--compile`` the compiled model against
   the eager one, with the seconds of the warm-up steps where it compiles; with
   ``--size-sweep``, the plain loop at each input size and its cost relative to
   the first size (what a higher ``--input-size`` costs per epoch); with
@@ -139,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                    dense_tiny_maps=False)
             variants["conv 1x1"] = PlainStep(model, precision, channels_last=True, input_size=args.input_size,
                                              pointwise_as_matrix=False)
+            variants["conv weight grads"] = PlainStep(model, precision, channels_last=True,
+                                                      input_size=args.input_size, weight_grad_as_matrix=False)
             if args.compile:
                 variants["compiled"] = PlainStep(model, precision, channels_last=True, input_size=args.input_size,
                                                  compile=True)
@@ -151,7 +154,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                f"{speed['channels-first']:.1f}", *ratio_cells(seconds[default], seconds["channels-first"]),
                                f"{speed['EMA']:.1f}", *ratio_cells(seconds["EMA"], seconds[default]),
                                f"{speed['conv tiny maps']:.1f}", *ratio_cells(seconds[default], seconds["conv tiny maps"]),
-                               f"{speed['conv 1x1']:.1f}", *ratio_cells(seconds[default], seconds["conv 1x1"])])
+                               f"{speed['conv 1x1']:.1f}", *ratio_cells(seconds[default], seconds["conv 1x1"]),
+                               f"{speed['conv weight grads']:.1f}",
+                               *ratio_cells(seconds[default], seconds["conv weight grads"])])
             if args.compile:
                 compile_rows.append([model, f"{speed[default]:.1f}", f"{speed['compiled']:.1f}",
                                      *ratio_cells(seconds["compiled"], seconds[default]),
@@ -166,12 +171,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(markdown_table(["model", "precision", "batch", "(a) Trainer", "(b) plain loop", "ratio a/b", "quartiles"],
                          overhead_rows))
     print()
-    print(f"Speed levers; channels-first, EMA, tiny maps, 1x1 convolutions and compiled at the default precision "
+    print(f"Speed levers; channels-first, EMA, tiny maps, 1x1 convolutions, weight gradients and compiled at the "
+          f"default precision "
           f"here, {precision}:\n")
     print(markdown_table(["model", "fp32", "bf16", "bf16/fp32", "quartiles", "channels-first",
                           "channels-last/first", "quartiles", "with EMA", "with/without EMA", "quartiles",
                           "tiny maps as conv", "matrix/conv", "quartiles", "1x1 as conv", "1x1 matrix/conv",
-                          "quartiles"],
+                          "quartiles", "weight grads as conv", "weight grads matrix/conv", "quartiles"],
                          lever_rows))
     if compile_rows:
         print()

@@ -47,6 +47,7 @@ def test_throughput_pairs_the_trainer_with_the_plain_loop_and_the_levers_step_by
     assert float(levers["with EMA"]) > 0 and float(levers["with/without EMA"]) > 0
     assert float(levers["tiny maps as conv"]) > 0 and float(levers["matrix/conv"]) > 0
     assert float(levers["1x1 as conv"]) > 0 and float(levers["1x1 matrix/conv"]) > 0
+    assert float(levers["weight grads as conv"]) > 0 and float(levers["weight grads matrix/conv"]) > 0
 
 
 def test_size_sweep_gives_the_first_size_a_cost_of_one():

@@ -188,7 +188,9 @@ def test_set_matrix_paths_switches_every_layer_of_a_network():
     convs = [module for module in model.modules() if isinstance(module, Conv2d)]
     assert len(convs) == 52 and not any(conv.pointwise_as_matrix for conv in convs)  # all but the stem
     assert all(conv.dense_tiny_maps for conv in convs)
-    with pytest.raises(ValueError, match="unknown path switch dense; choose from pointwise_as_matrix, dense_tiny_maps"):
+    with pytest.raises(
+        ValueError, match="unknown path switch dense; choose from pointwise_as_matrix, dense_tiny_maps, weight_grad_as_matrix"
+    ):
         set_matrix_paths(model, dense=False)
 
 
@@ -211,7 +213,7 @@ def test_networks_give_the_convolution_path_results(monkeypatch, name, size):
     logits = model(images)
     grads = torch.autograd.grad(logits.logsumexp(1).sum(), list(model.parameters()))
     dense_conv_calls = len(conv_calls)
-    set_matrix_paths(model, pointwise_as_matrix=False, dense_tiny_maps=False)
+    set_matrix_paths(model, pointwise_as_matrix=False, dense_tiny_maps=False, weight_grad_as_matrix=False)
     reference_logits = model(images)
     assert dense_conv_calls < len(conv_calls) - dense_conv_calls  # tiny maps and 1x1s took the matrix products
     reference_grads = torch.autograd.grad(reference_logits.logsumexp(1).sum(), list(model.parameters()))
@@ -219,3 +221,79 @@ def test_networks_give_the_convolution_path_results(monkeypatch, name, size):
     torch.testing.assert_close(logits, reference_logits, rtol=1e-10, atol=1e-10)
     for grad, reference_grad in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(grad, reference_grad, rtol=1e-8, atol=1e-10)
+
+
+SMALL_MAPS = [
+    # (stride, input height, input width): output maps of at most 25 pixels
+    (1, 5, 5),  # VGG-16's last block but one at 40x40
+    (2, 6, 6),  # ResNet-50's strided 3x3 into its third stage at 48x48
+    (1, 3, 3),  # that stage's other 3x3 convolutions
+    (2, 10, 9),  # odd and not square, 5x5 out
+]
+
+
+def backward_ops(output: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[str]]:
+    with RecordedOps() as ops:
+        grads = torch.autograd.grad(output.pow(2).sum(), inputs)
+    return list(grads), ops.names
+
+
+@pytest.mark.parametrize("stride, height, width", SMALL_MAPS)
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_small_map_weight_gradient_in_bf16_is_one_matrix_product_equal_to_the_convolutions(
+    monkeypatch, stride, height, width, bias, channels_last
+):
+    reference, layer = paired_convs(6, 5, bias, kernel_size=3, stride=stride, padding=1)
+    layer.bfloat16()  # bf16 weights, as with --precision bf16-true
+    images = torch.randn(4, 6, height, width).bfloat16()
+    if channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    expected, expected_grads = float64_reference(reference, images)
+
+    conv_calls = count_conv2d_calls(monkeypatch)
+    found = layer(images.requires_grad_(True))
+    found_grads, ops = backward_ops(found.float(), [images, *layer.parameters()])
+
+    assert len(conv_calls) == 1  # the forward pass stays a convolution
+    assert ops.count("convolution_backward") == 1 and ops.count("mm") == 1  # input's gradient; weight's
+    torch.testing.assert_close(found.float(), expected, rtol=2e-2, atol=2e-2)
+    for found_grad, expected_grad in zip(found_grads, expected_grads, strict=True):
+        assert found_grad.dtype == torch.bfloat16
+        torch.testing.assert_close(found_grad.float(), expected_grad, rtol=2e-2, atol=2e-2 * expected_grad.abs().max().item())
+
+
+def test_small_map_weight_gradient_under_bf16_autocast_matches_the_convolutions():
+    reference, layer = paired_convs(32, 16, True, kernel_size=3, padding=1)
+    images = torch.randn(8, 32, 5, 5).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", torch.bfloat16):
+        expected = reference(images)
+        found = layer(images)
+    expected_grads, _ = backward_ops(expected.float(), list(reference.parameters()))
+    found_grads, ops = backward_ops(found.float(), list(layer.parameters()))  # a first layer: no input gradient
+
+    assert found.dtype == expected.dtype == torch.bfloat16
+    assert "convolution_backward" not in ops and ops.count("mm") == 1
+    for found_grad, expected_grad in zip(found_grads, expected_grads, strict=True):
+        assert found_grad.dtype == torch.float32  # the float32 weights' gradients
+        torch.testing.assert_close(found_grad, expected_grad, rtol=2e-2, atol=2e-2 * expected_grad.abs().max().item())
+
+
+@pytest.mark.parametrize(
+    "height, switched_on, grad_enabled, autocast",
+    # a 6x6 map; the switch off; no autograd; 32-bit
+    [(6, True, True, True), (5, False, True, True), (5, True, False, True), (5, True, True, False)],
+)
+def test_other_cases_keep_the_convolutions_weight_gradient(height, switched_on, grad_enabled, autocast):
+    reference, layer = paired_convs(6, 5, False, kernel_size=3, padding=1)
+    layer.weight_grad_as_matrix = switched_on
+    images = torch.randn(4, 6, height, height)
+    with torch.set_grad_enabled(grad_enabled), torch.autocast("cpu", torch.bfloat16, enabled=autocast):
+        with RecordedOps() as ops:
+            found = layer(images)
+        expected = reference(images)
+    if grad_enabled:
+        _, backward = backward_ops(found.float(), [layer.weight])
+        assert backward.count("convolution_backward") == 1 and "mm" not in backward
+    assert "convolution" in ops.names and "mm" not in ops.names
+    torch.testing.assert_close(found, expected)
