@@ -9,13 +9,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 
+def _output_size(in_size: int, kernel: int, stride: int, padding: int) -> int:
+    return (in_size + 2 * padding - kernel) // stride + 1
+
+
 def _taps_joining(in_size: int, kernel: int, stride: int, padding: int) -> list[list[int]] | None:
     """For one spatial axis, ``taps[o][i]``: the kernel tap that joins output position ``o`` to input position ``i``.
 
     ``None`` unless every output position's window covers the whole input axis, so
     that every (output, input) pair is joined by exactly one tap.
     """
-    out_size = (in_size + 2 * padding - kernel) // stride + 1
+    out_size = _output_size(in_size, kernel, stride, padding)
     taps = [[i - o * stride + padding for i in range(in_size)] for o in range(out_size)]
     if out_size < 1 or any(not 0 <= tap < kernel for row in taps for tap in row):
         return None
@@ -113,22 +117,16 @@ class Conv2d(nn.Conv2d):
             pixels = x.permute(0, 2, 3, 1).reshape(-1, self.in_channels)
             out = F.linear(pixels, self.weight.flatten(1), self.bias)
             return out.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
+        # undilated, zero-padded by numbers: the windows the two paths below compute from
+        plain_windows = self.dilation == (1, 1) and self.padding_mode == "zeros" and not isinstance(self.padding, str)
         dense = None
-        if (
-            self.dense_tiny_maps
-            and self.dilation == (1, 1)
-            and self.padding_mode == "zeros"
-            and not isinstance(self.padding, str)
-        ):
+        if self.dense_tiny_maps and plain_windows:
             dense = _dense_tap_index(x.shape[-2], x.shape[-1], self.kernel_size, self.stride, self.padding)
         if dense is None:
-            if (
-                self.weight_grad_as_matrix
-                and torch.is_grad_enabled()
-                and (_autocast_dtype() or x.dtype) == torch.bfloat16
-                and self._small_output_map(x)
-            ):
-                return _conv_with_matrix_weight_grad(x, self.weight, self.bias, self.stride, self.padding)
+            if self.weight_grad_as_matrix and plain_windows and torch.is_grad_enabled() and self._small_output_map(x):
+                autocast_dtype = _autocast_dtype()
+                if (autocast_dtype or x.dtype) == torch.bfloat16:
+                    return _conv_with_matrix_weight_grad(x, self.weight, self.bias, self.stride, self.padding, autocast_dtype)
             return super().forward(x)
         out_height, out_width, index = dense
         in_channels, height, width = x.shape[1:]
@@ -144,12 +142,7 @@ class Conv2d(nn.Conv2d):
         return out.view(-1, out_height, out_width, self.out_channels).permute(0, 3, 1, 2)
 
     def _small_output_map(self, x: Tensor) -> bool:
-        if self.dilation != (1, 1) or self.padding_mode != "zeros" or isinstance(self.padding, str):
-            return False
-        out_height, out_width = (
-            (size + 2 * pad - kernel) // stride + 1
-            for size, pad, kernel, stride in zip(x.shape[-2:], self.padding, self.kernel_size, self.stride)
-        )
+        out_height, out_width = map(_output_size, x.shape[-2:], self.kernel_size, self.stride, self.padding)
         return 0 < out_height * out_width <= SMALL_MAP_PIXELS
 
 
@@ -206,12 +199,13 @@ class _ConvMatrixWeightGrad(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None
 
 
-def _conv_with_matrix_weight_grad(x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding) -> Tensor:
-    dtype = _autocast_dtype()
-    if dtype is None:
+def _conv_with_matrix_weight_grad(
+    x: Tensor, weight: Tensor, bias: Tensor | None, stride, padding, autocast_dtype: torch.dtype | None
+) -> Tensor:
+    if autocast_dtype is None:
         return _ConvMatrixWeightGrad.apply(x, weight, bias, stride, padding)
     # autocast casts a convolution's inputs; the casts stay outside, so their backward returns float32 gradients
-    cast = [None if tensor is None else tensor.to(dtype) for tensor in (x, weight, bias)]
+    cast = [None if tensor is None else tensor.to(autocast_dtype) for tensor in (x, weight, bias)]
     with torch.autocast("cpu", enabled=False):
         return _ConvMatrixWeightGrad.apply(*cast, stride, padding)
 
