@@ -441,7 +441,8 @@ def build_callbacks(args, checkpoint_dir: Path, has_validation: bool):
         # saved.) Listed after the best one, so it holds that callback's updated state.
         every_epoch = ModelCheckpoint(dirpath=checkpoint_dir, filename="last", monitor=None, save_top_k=1,
                                       enable_version_counter=False)  # replace a last.ckpt left by an interrupt
-        callbacks += [best_checkpoint, every_epoch, CheckpointOnInterrupt(checkpoint_dir / "last.ckpt")]
+        interrupt_checkpoint = CheckpointOnInterrupt(checkpoint_dir / "last.ckpt", validates=has_validation)
+        callbacks += [best_checkpoint, every_epoch, interrupt_checkpoint]
         if args.checkpoint_every_n_steps:
             callbacks.append(PeriodicCheckpoint(checkpoint_dir / "last.ckpt", args.checkpoint_every_n_steps))
     if args.stop_after_epochs:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
+from pytorch_lightning.loops import evaluation_loop as _evaluation_loop
 
 
 class PeriodicCheckpoint(pl.Callback):
@@ -39,14 +40,78 @@ class CheckpointOnInterrupt(pl.Callback):
     raises SIGTERMException at the next batch boundary) and a crash. Unlike
     Lightning's OnExceptionCheckpoint, the file is kept after teardown, so
     ``--ckpt-path last`` can continue from it.
+
+    A stop after an epoch's last training batch and before that epoch's checkpoints
+    are written (in or before its validation) would, resumed as Lightning records it,
+    go on to the next epoch: a point missing from the ``val/acc`` curve, and an epoch
+    the best checkpoint never competed for, so the final test could load another
+    checkpoint than an uninterrupted run's. ``validates`` says the run validates at
+    every epoch's end; such a stop is then saved as a validation restarted before its
+    first batch (Lightning's mid-validation restart, pytorch-lightning 2.5 or newer):
+    the resumed run validates that epoch in full, at the same logging step, and saves
+    its checkpoints before it trains on.
     """
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, validates: bool = False) -> None:
         self.path = Path(path)
+        self.validates = validates
+        self._checkpointed_epoch = -1
+        self._saving_on_exception = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
         if trainer.state.fn == "fit" and trainer.global_step > 0:
-            trainer.save_checkpoint(self.path, weights_only=False)
+            self._saving_on_exception = True
+            try:
+                trainer.save_checkpoint(self.path, weights_only=False)
+            finally:
+                self._saving_on_exception = False
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module, checkpoint: dict) -> None:
+        if not self._epoch_trained(trainer):
+            return
+        if not self._saving_on_exception:
+            self._checkpointed_epoch = trainer.current_epoch  # the epoch-end checkpoints, after validation
+        elif self.validates and MID_VALIDATION_RESTART and self._checkpointed_epoch != trainer.current_epoch:
+            restart_validation_before_first_batch(checkpoint)
+
+    @staticmethod
+    def _epoch_trained(trainer: pl.Trainer) -> bool:
+        """Whether every training batch of the current epoch is processed, and the epoch validates at its end."""
+        return (
+            not trainer.sanity_checking
+            and trainer.fit_loop.epoch_loop.batch_progress.current.processed >= trainer.num_training_batches
+            and (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch == 0
+        )
+
+
+MID_VALIDATION_RESTART = hasattr(getattr(_evaluation_loop, "_EvaluationLoop", None), "restarted_mid_evaluation")
+"""Whether Lightning resumes a checkpoint saved inside a validation by running that validation."""
+
+
+def restart_validation_before_first_batch(checkpoint: dict) -> None:
+    """Rewrite a checkpoint's loop progress so that a resume first runs the current epoch's whole validation.
+
+    Lightning takes a validation whose last batch was started but not processed for one
+    stopped mid-way and runs it again over the whole validation set (nothing of a partial
+    validation is kept: its metrics are not checkpointed). Training progress is marked
+    complete: every training batch of the epoch was processed, and a stop inside the last
+    batch's end hooks comes after its optimiser step. The logging step is set back to the
+    one the epoch's validation logs at, in case the validation had already run.
+    """
+    progress = checkpoint["loops"]["fit_loop"]
+    for counts in (progress["epoch_progress"]["total"], progress["epoch_progress"]["current"]):
+        counts["processed"] = counts["completed"]  # the epoch's loop runs again, from its validation
+    training = progress["epoch_loop.batch_progress"]
+    for counts in (training["total"], training["current"]):
+        counts["completed"] = counts["processed"]
+    validation = progress["epoch_loop.val_loop.batch_progress"]
+    earlier_validations = validation["total"]["completed"] - validation["current"]["completed"]
+    validation["total"] = {"ready": earlier_validations + 1, "started": earlier_validations + 1,
+                           "processed": earlier_validations, "completed": earlier_validations}
+    validation["current"] = {"ready": 1, "started": 1, "processed": 0, "completed": 0}
+    validation["is_last_batch"] = False
+    # counts optimiser steps but the epoch's last, until its validation has logged
+    progress["epoch_loop.state_dict"]["_batches_that_stepped"] = checkpoint["global_step"] - 1
 
 
 class StopAfterEpochs(pl.Callback):

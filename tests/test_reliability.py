@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from lit_modules.callbacks import MID_VALIDATION_RESTART
 from tests.conftest import DETERMINISTIC_RUN, TINY_RUN, deterministic_train
-from tests.helpers import ROOT, assert_one_line_error, run_in_process, run_script, scalar_tags
+from tests.helpers import ROOT, assert_one_line_error, run_in_process, run_script, scalar_points, scalar_tags
 
 SMALL = ("--model", "resnet50_seed", "--precision", "32-true", *TINY_RUN)
 
@@ -99,32 +100,35 @@ def test_interrupted_run_resumes_to_the_planned_epoch_count(image_folder, tmp_pa
     final = torch.load(last, map_location="cpu", weights_only=True)
     assert final["epoch"] == planned_epochs - 1 and final["global_step"] == planned_epochs * 15
     assert json.loads((logdir / "version_0" / "run_info.json").read_text())["epochs"] == planned_epochs
-    # One validation per epoch, except (a known limitation, README "Reliability") when the stop landed
-    # after an epoch's last training batch and before its validation: the resumed run goes on to the next epoch.
-    between_training_and_validation = (
-        interrupted["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 15)
-    assert len(scalar_tags(logdir / "version_0")["val/acc"]) == planned_epochs - between_training_and_validation
+    assert len(scalar_tags(logdir / "version_0")["val/acc"]) == planned_epochs  # one validation per epoch
 
 
 FAULT_RUNNER = textwrap.dedent(
     """
-    # train.py's main with one more callback that runs `{fault}` as the batch after step {step} starts.
+    # train.py's main with one more callback that runs `{fault}` in its hook {hook} when `{when}`.
     import os, signal, sys
     sys.path.insert(0, {root!r})
     import pytorch_lightning as pl
     import train
     from cli import run_main
 
-    class FaultAtStep(pl.Callback):
-        def on_train_batch_start(self, trainer, *args):
-            if trainer.global_step == {step}:
+    class Fault(pl.Callback):
+        def {hook}(self, trainer, pl_module, *args):
+            if {when}:
                 {fault}
 
     build_callbacks = train.build_callbacks
-    train.build_callbacks = lambda *args: (lambda built: (built[0] + [FaultAtStep()], built[1]))(build_callbacks(*args))
+    train.build_callbacks = lambda *args: (lambda built: (built[0] + [Fault()], built[1]))(build_callbacks(*args))
     sys.exit(run_main(train.main))
     """
 )
+
+
+def fault_runner(path: Path, fault: str, hook: str = "on_train_batch_start",
+                 when: str = "trainer.global_step == 5") -> Path:
+    """A script at ``path`` that runs train.py with ``fault`` injected (default: as the batch after step 5 starts)."""
+    path.write_text(FAULT_RUNNER.format(root=str(ROOT), hook=hook, when=when, fault=fault))
+    return path
 
 
 def test_hard_kill_mid_epoch_resumes_to_the_uninterrupted_result(deterministic_run, image_folder, tmp_path):
@@ -136,8 +140,7 @@ def test_hard_kill_mid_epoch_resumes_to_the_uninterrupted_result(deterministic_r
     reference_weights, reference_line = deterministic_run.weights, deterministic_run.test_line
     logdir = tmp_path / "logs"
     common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *DETERMINISTIC_RUN]
-    runner = tmp_path / "killed_train.py"
-    runner.write_text(FAULT_RUNNER.format(root=str(ROOT), step=5, fault="os.kill(os.getpid(), signal.SIGKILL)"))
+    runner = fault_runner(tmp_path / "killed_train.py", "os.kill(os.getpid(), signal.SIGKILL)")
     killed = subprocess.run([sys.executable, str(runner), *map(str, common), "--checkpoint-every-n-steps", "2"],
                             cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
@@ -165,8 +168,7 @@ def test_crash_mid_epoch_is_recorded_and_resumes_to_the_planned_epochs(determini
     reference_weights, reference_line = deterministic_run.weights, deterministic_run.test_line
     logdir = tmp_path / "logs"
     location = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir]
-    runner = tmp_path / "crashing_train.py"
-    runner.write_text(FAULT_RUNNER.format(root=str(ROOT), step=5, fault="raise RuntimeError('disk controller fault')"))
+    runner = fault_runner(tmp_path / "crashing_train.py", "raise RuntimeError('disk controller fault')")
     crashed = subprocess.run([sys.executable, str(runner), *map(str, location), *DETERMINISTIC_RUN],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert crashed.returncode == 1, crashed.stderr[-3000:]
@@ -191,6 +193,55 @@ def test_crash_mid_epoch_is_recorded_and_resumes_to_the_planned_epochs(determini
     assert finished["status"] == "finished" and "error" not in finished
     assert [(launch["status"], launch.get("error")) for launch in finished["launches"]] == [
         ("failed", "RuntimeError: disk controller fault"), ("finished", None)]
+
+
+# Stops between the first epoch's last training step and its checkpoints, which Lightning writes after the other
+# callbacks' epoch-end hooks. DETERMINISTIC_RUN's epochs have 3 training batches and 2 validation batches.
+FIRST_EPOCH = "trainer.current_epoch == 0 and not trainer.sanity_checking"
+STOPS_BEFORE_EPOCH_CHECKPOINTS = {
+    "SIGTERM in validation": ("os.kill(os.getpid(), signal.SIGTERM)", 143, "on_validation_batch_start", "args[1] == 0"),
+    "Ctrl-C in validation": ("raise KeyboardInterrupt", 130, "on_validation_batch_start", "args[1] == 0"),
+    "Ctrl-C after the last training step": ("raise KeyboardInterrupt", 130, "on_train_batch_end", "args[2] == 2"),
+    "Ctrl-C after validation": ("raise KeyboardInterrupt", 130, "on_train_epoch_end", "True"),
+}
+
+
+def validation_curve(run_dir: Path) -> dict[int, float]:
+    """Step -> val/acc; a validation run again after a stop logs its point a second time, at the same step."""
+    return {step: value for _, step, value in scalar_points(run_dir)["val/acc"]}
+
+
+@pytest.mark.skipif(not MID_VALIDATION_RESTART, reason="needs pytorch-lightning 2.5 or newer (mid-validation restart)")
+@pytest.mark.parametrize("stop", STOPS_BEFORE_EPOCH_CHECKPOINTS, ids=list(STOPS_BEFORE_EPOCH_CHECKPOINTS))
+def test_stop_before_epoch_checkpoints_resumes_with_that_epochs_validation(deterministic_run, image_folder, tmp_path,
+                                                                           stop):
+    """The resume validates the stopped epoch in full and writes its checkpoints before it trains on.
+
+    Same validation curve, best checkpoint, weights and test line as the uninterrupted run. Resumed as
+    Lightning records such a stop, the run went on to the next epoch: the first epoch had no val/acc point,
+    and its checkpoint, the best here, was never written, so the final test loaded another one.
+    """
+    fault, exit_code, hook, when = STOPS_BEFORE_EPOCH_CHECKPOINTS[stop]
+    reference = deterministic_run
+    logdir = tmp_path / "logs"
+    runner = fault_runner(tmp_path / "stopped_train.py", fault, hook, f"{FIRST_EPOCH} and {when}")
+    location = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir]
+    stopped = subprocess.run([sys.executable, str(runner), *map(str, location), *DETERMINISTIC_RUN],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == exit_code, stopped.stderr[-3000:]
+    run_dir = logdir / "version_0"
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 3
+
+    resumed = run_in_process("train.py", "--deterministic", "--log-every-n-steps", "1", "--progress-refresh", "0",
+                             "--accelerator", "cpu", "--ckpt-path", "last", *location)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert validation_curve(run_dir) == validation_curve(reference.run_dir)
+    assert len(validation_curve(run_dir)) == 2
+    checkpoints = sorted(path.name for path in (run_dir / "checkpoints").iterdir())
+    assert checkpoints == sorted(path.name for path in (reference.run_dir / "checkpoints").iterdir())
+    final = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert all(torch.equal(final["state_dict"][key], reference.weights[key]) for key in reference.weights)
+    assert resumed.stdout.strip().splitlines()[-1] == reference.test_line
 
 
 def test_resume_refuses_flags_that_differ_from_the_run(trained_run, image_folder):
