@@ -328,9 +328,16 @@ def run_settings(checkpoint: dict) -> dict:
         settings["input_size"] = hparams["input_size"] or IMAGE_SIZE
     data_state = CIFAR10DataModule.saved_state(checkpoint)
     settings.update((dest, data_state[key]) for dest, key in RESUMED_DATA_SETTINGS.items() if key in data_state)
-    if "planned_limit_train_batches" in checkpoint:  # sizes the learning-rate schedule, as the epochs do
-        settings["limit_train_batches"] = checkpoint["planned_limit_train_batches"]
+    # The training batches size the learning-rate schedule, as the epochs do; validation and test batches keep the
+    # curve and the final test on the images the run started with.
+    for stage in ("train", "val", "test"):
+        if f"planned_limit_{stage}_batches" in checkpoint:
+            settings[f"limit_{stage}_batches"] = checkpoint[f"planned_limit_{stage}_batches"]
     return settings
+
+
+# Run settings a resume takes from the checkpoint when left out, but that a flag may change.
+CHANGEABLE_ON_RESUME = ("limit_val_batches", "limit_test_batches")
 
 
 def adopt_run_settings(args, given: set[str], checkpoint: dict, ckpt_path: Path) -> None:
@@ -338,7 +345,8 @@ def adopt_run_settings(args, given: set[str], checkpoint: dict, ckpt_path: Path)
 
     Flags left out take the run's values (a run started with ``--val-size 0``
     must not be resumed on a 45,000-image split); a flag given with another value
-    than the run's is refused rather than silently ignored. ``--data-dir``,
+    than the run's is refused rather than silently ignored, except the validation
+    and test limits, which a resume may change on purpose. ``--data-dir``,
     ``--cache-dir`` and ``--logdir`` left out are where the run had them (the
     logdir is the one the checkpoint lies in), so that ``--ckpt-path`` alone resumes.
     """
@@ -350,6 +358,8 @@ def adopt_run_settings(args, given: set[str], checkpoint: dict, ckpt_path: Path)
         if dest == "input_size" and given_value == "auto":
             precision = resolve_precision(args.precision, args.accelerator)
             given_value = resolve_input_size(args, precision) or IMAGE_SIZE
+        if dest in given and dest in CHANGEABLE_ON_RESUME:
+            continue
         if dest in given and given_value != value:
             conflicts.append(f"--{dest.replace('_', '-')} {value}, not {given_value}")
         setattr(args, dest, value)

@@ -254,10 +254,11 @@ class LitClassifier(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # The schedule's length is fixed by the epochs and batches per epoch planned at the start; a resumed run
-        # must keep both.
+        # must keep both, and validate and test on the batches it started with, so its curve compares like with like.
         if self._trainer is not None:
             checkpoint["planned_epochs"] = self._trainer.max_epochs
-            checkpoint["planned_limit_train_batches"] = self._trainer.limit_train_batches
+            for stage in ("train", "val", "test"):
+                checkpoint[f"planned_limit_{stage}_batches"] = getattr(self._trainer, f"limit_{stage}_batches")
 
     # ---- optimisation ---------------------------------------------------------------------------
 

@@ -251,15 +251,17 @@ def test_resume_refuses_flags_that_differ_from_the_run(trained_run, image_folder
     before = hashlib.sha256(last.read_bytes()).hexdigest(), sorted(p.name for p in run_dir.parent.iterdir())
     result = run_in_process("train.py", "--ckpt-path", last, "--data-dir", image_folder, "--logdir", run_dir.parent,
                             "--lr", "0.05", "--val-size", "10", "--input-size", "32", "--seed", "7", "--batch-size", "16",
-                            "--limit-train-batches", "2", "--ema-decay", "0.9")
+                            "--limit-train-batches", "2", "--limit-val-batches", "2", "--ema-decay", "0.9")
     assert_one_line_error(result, str(last), "--lr 0.1, not 0.05", "--val-size 20, not 10", "--input-size 48, not 32",
                           "--limit-train-batches 1.0, not 2", "--ema-decay 0.0, not 0.9", "leave those flags out")
     assert "--seed" not in result.stderr and "--batch-size" not in result.stderr  # given as the run had them
+    assert "--limit-val-batches" not in result.stderr  # given on purpose: a resume may validate on other batches
     assert (hashlib.sha256(last.read_bytes()).hexdigest(), sorted(p.name for p in run_dir.parent.iterdir())) == before
 
 
 def test_resume_takes_the_settings_left_out_from_the_checkpoint(tmp_path):
-    """A resume that names no recipe flag gets the run's: its split, batches, seed, cutout and schedule length."""
+    """A resume that names no recipe flag gets the run's: its split, batches, seed, cutout, schedule length and the
+    training, validation and test batches it was limited to."""
     import train
 
     argv = ["--ckpt-path", str(tmp_path / "last.ckpt")]
@@ -268,11 +270,18 @@ def test_resume_takes_the_settings_left_out_from_the_checkpoint(tmp_path):
         "hyper_parameters": {"model_name": "vgg16", "model_options": {}, "lr": 0.05, "input_size": None,
                              "ema_decay": 0.999},
         "CIFAR10DataModule": {"val_size": 0, "batch_size": 64, "seed": 3, "cutout_size": 8},
-        "planned_epochs": 4, "planned_limit_train_batches": 30,
+        "planned_epochs": 4, "planned_limit_train_batches": 30, "planned_limit_val_batches": 20,
+        "planned_limit_test_batches": 0.5,
     }
     train.adopt_run_settings(args, train.given_flags(argv), checkpoint, tmp_path / "last.ckpt")
     assert (args.model, args.lr, args.input_size, args.val_size, args.batch_size, args.seed, args.cutout, args.epochs,
-            args.limit_train_batches, args.ema_decay) == ("vgg16", 0.05, 32, 0, 64, 3, 8, 4, 30, 0.999)
+            args.limit_train_batches, args.limit_val_batches, args.limit_test_batches, args.ema_decay) == (
+        "vgg16", 0.05, 32, 0, 64, 3, 8, 4, 30, 20, 0.5, 0.999)
+
+    argv += ["--limit-val-batches", "5"]  # validation and test limits given on resume are taken, not refused
+    args = train.build_parser().parse_args(argv)
+    train.adopt_run_settings(args, train.given_flags(argv), checkpoint, tmp_path / "last.ckpt")
+    assert (args.limit_val_batches, args.limit_test_batches) == (5, 0.5)
 
 
 def test_resume_finds_the_data_and_logs_where_the_run_had_them_unless_told_otherwise(tmp_path):
