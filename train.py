@@ -611,20 +611,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Our checkpoints hold only tensors and plain types; newer Lightning can load them without unpickling code.
     safe_load = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, **safe_load)
-    except (SystemExit, SIGTERMException) as stop:
-        # Ctrl-C ends in Lightning's sys.exit(1), SIGTERM in SIGTERMException or the same exit;
-        # either way CheckpointOnInterrupt has saved last.ckpt first.
-        if not trainer.interrupted:
-            record_failure(stop)
-            raise
+    def record_stop(during_test: bool) -> int:
+        """Mark the run ``interrupted``, say how to resume, and give the exit code of the signal."""
         by_sigterm = trainer.received_sigterm
         if keeps_records:
             record("interrupted")
             cause = "stopped by SIGTERM" if by_sigterm else "interrupted"
+            if during_test:
+                cause += " during the final test (training is complete; the resume only tests)"
             print(f"train.py: {cause}; resume with --ckpt-path {checkpoint_dir / 'last.ckpt'}", file=sys.stderr)
         return 143 if by_sigterm else 130
+
+    # Ctrl-C ends in Lightning's sys.exit(1), SIGTERM in SIGTERMException (a SystemExit with code 0, which
+    # would pass for success); in training CheckpointOnInterrupt has saved last.ckpt first.
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, **safe_load)
+    except (SystemExit, SIGTERMException) as stop:
+        if not trainer.interrupted:
+            record_failure(stop)
+            raise
+        return record_stop(during_test=False)
     except Exception as error:
         record_failure(error)
         raise
@@ -632,6 +638,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     best = best_checkpoint.best_model_path or best_checkpoint.last_model_path if best_checkpoint else ""
     try:
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, **safe_load)
+    except (SystemExit, SIGTERMException) as stop:
+        if not trainer.interrupted:
+            record_failure(stop)
+            raise
+        return record_stop(during_test=True)
     except Exception as error:
         record_failure(error)
         raise

@@ -244,6 +244,30 @@ def test_stop_before_epoch_checkpoints_resumes_with_that_epochs_validation(deter
     assert resumed.stdout.strip().splitlines()[-1] == reference.test_line
 
 
+@pytest.mark.parametrize("fault, exit_code", [("os.kill(os.getpid(), signal.SIGTERM)", 143),
+                                               ("raise KeyboardInterrupt", 130)], ids=["SIGTERM", "Ctrl-C"])
+def test_stop_during_the_final_test_is_an_interruption_and_the_resume_tests(deterministic_run, image_folder, tmp_path,
+                                                                            fault, exit_code):
+    """The signal's exit code (not 0 or 1) and an interrupted run (not one left running), which a resume tests."""
+    logdir = tmp_path / "logs"
+    runner = fault_runner(tmp_path / "stopped_train.py", fault, "on_test_batch_start", "True")
+    location = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir]
+    stopped = subprocess.run([sys.executable, str(runner), *map(str, location), *DETERMINISTIC_RUN],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == exit_code, stopped.stderr[-3000:]
+    assert "Test accuracy" not in stopped.stdout
+    assert ("during the final test (training is complete; the resume only tests); resume with --ckpt-path"
+            in stopped.stderr)
+    info_path = logdir / "version_0" / "run_info.json"
+    assert json.loads(info_path.read_text())["status"] == "interrupted"
+
+    resumed = run_in_process("train.py", "--progress-refresh", "0", "--accelerator", "cpu", "--ckpt-path", "last",
+                             *location)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.stdout.strip().splitlines()[-1] == deterministic_run.test_line
+    assert [launch["status"] for launch in json.loads(info_path.read_text())["launches"]] == ["interrupted", "finished"]
+
+
 def test_resume_refuses_flags_that_differ_from_the_run(trained_run, image_folder):
     """Recipe and data flags that contradict the checkpoint's run are refused, all named at once; nothing is written."""
     run_dir, _ = trained_run
