@@ -617,9 +617,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if keeps_records:
             record("interrupted")
             cause = "stopped by SIGTERM" if by_sigterm else "interrupted"
+            last = checkpoint_dir / "last.ckpt"
             if during_test:
                 cause += " during the final test (training is complete; the resume only tests)"
-            print(f"train.py: {cause}; resume with --ckpt-path {checkpoint_dir / 'last.ckpt'}", file=sys.stderr)
+            if last.is_file():
+                print(f"train.py: {cause}; resume with --ckpt-path {last}", file=sys.stderr)
+            else:
+                print(f"train.py: {cause} before the first training step, so there is nothing to resume; "
+                      "run the same command again", file=sys.stderr)
         return 143 if by_sigterm else 130
 
     # Ctrl-C ends in Lightning's sys.exit(1), SIGTERM in SIGTERMException (a SystemExit with code 0, which

@@ -268,6 +268,21 @@ def test_stop_during_the_final_test_is_an_interruption_and_the_resume_tests(dete
     assert [launch["status"] for launch in json.loads(info_path.read_text())["launches"]] == ["interrupted", "finished"]
 
 
+def test_stop_before_the_first_step_says_there_is_nothing_to_resume(image_folder, tmp_path):
+    logdir = tmp_path / "logs"
+    runner = fault_runner(tmp_path / "stopped_train.py", "os.kill(os.getpid(), signal.SIGTERM)",
+                          "on_validation_batch_start", "trainer.sanity_checking")
+    stopped = subprocess.run([sys.executable, str(runner), "--data-dir", str(image_folder), "--cache-dir",
+                              str(tmp_path / "cache"), "--logdir", str(logdir), *DETERMINISTIC_RUN],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert stopped.returncode == 143, stopped.stderr[-3000:]
+    assert stopped.stderr.strip().splitlines()[-1] == (
+        "train.py: stopped by SIGTERM before the first training step, so there is nothing to resume; "
+        "run the same command again")
+    assert not (logdir / "version_0" / "checkpoints" / "last.ckpt").exists()
+    assert json.loads((logdir / "version_0" / "run_info.json").read_text())["status"] == "interrupted"
+
+
 def test_resume_refuses_flags_that_differ_from_the_run(trained_run, image_folder):
     """Recipe and data flags that contradict the checkpoint's run are refused, all named at once; nothing is written."""
     run_dir, _ = trained_run
