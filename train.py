@@ -611,6 +611,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Our checkpoints hold only tensors and plain types; newer Lightning can load them without unpickling code.
     safe_load = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
+
     def record_stop(during_test: bool) -> int:
         """Mark the run ``interrupted``, say how to resume, and give the exit code of the signal."""
         by_sigterm = trainer.received_sigterm
