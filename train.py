@@ -612,14 +612,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Our checkpoints hold only tensors and plain types; newer Lightning can load them without unpickling code.
     safe_load = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
 
-    def record_stop(during_test: bool) -> int:
+    def record_stop() -> int:
         """Mark the run ``interrupted``, say how to resume, and give the exit code of the signal."""
         by_sigterm = trainer.received_sigterm
         if keeps_records:
             record("interrupted")
             cause = "stopped by SIGTERM" if by_sigterm else "interrupted"
             last = checkpoint_dir / "last.ckpt"
-            if during_test:
+            if trainer.state.fn == "test":
                 cause += " during the final test (training is complete; the resume only tests)"
             if last.is_file():
                 print(f"train.py: {cause}; resume with --ckpt-path {last}", file=sys.stderr)
@@ -632,23 +632,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # would pass for success); in training CheckpointOnInterrupt has saved last.ckpt first.
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, **safe_load)
-    except (SystemExit, SIGTERMException) as stop:
-        if not trainer.interrupted:
-            record_failure(stop)
-            raise
-        return record_stop(during_test=False)
-    except Exception as error:
-        record_failure(error)
-        raise
-
-    best = best_checkpoint.best_model_path or best_checkpoint.last_model_path if best_checkpoint else ""
-    try:
+        best = best_checkpoint.best_model_path or best_checkpoint.last_model_path if best_checkpoint else ""
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, **safe_load)
     except (SystemExit, SIGTERMException) as stop:
         if not trainer.interrupted:
             record_failure(stop)
             raise
-        return record_stop(during_test=True)
+        return record_stop()
     except Exception as error:
         record_failure(error)
         raise

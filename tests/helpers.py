@@ -68,13 +68,6 @@ def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([script, *arguments], code, out.getvalue(), err.getvalue())
 
 
-def scalar_points(run_dir: Path) -> dict[str, list[tuple[float, int, float]]]:
-    """Every scalar series in the TensorBoard event files of ``run_dir``: tag -> (wall time, step, value) points."""
-    from bench.runs import scalars
-
-    return scalars(run_dir)
-
-
 def scalar_tags(run_dir: Path) -> dict[str, list[float]]:
     """Every scalar series in the TensorBoard event files of ``run_dir``: tag -> values in step order."""
     from bench.runs import scalars

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.runs import scalars
 from lit_modules.callbacks import MID_VALIDATION_RESTART
 from tests.conftest import DETERMINISTIC_RUN, TINY_RUN, deterministic_train
-from tests.helpers import ROOT, assert_one_line_error, run_in_process, run_script, scalar_points, scalar_tags
+from tests.helpers import ROOT, assert_one_line_error, run_in_process, run_script, scalar_tags
 
 SMALL = ("--model", "resnet50_seed", "--precision", "32-true", *TINY_RUN)
 
@@ -208,7 +209,7 @@ STOPS_BEFORE_EPOCH_CHECKPOINTS = {
 
 def validation_curve(run_dir: Path) -> dict[int, float]:
     """Step -> val/acc; a validation run again after a stop logs its point a second time, at the same step."""
-    return {step: value for _, step, value in scalar_points(run_dir)["val/acc"]}
+    return {step: value for _, step, value in scalars(run_dir)["val/acc"]}
 
 
 @pytest.mark.skipif(not MID_VALIDATION_RESTART, reason="needs pytorch-lightning 2.5 or newer (mid-validation restart)")
