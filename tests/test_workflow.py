@@ -2,6 +2,7 @@
 
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -181,12 +182,15 @@ def test_predict_on_files_and_folders(best_checkpoint, prediction_inputs, tmp_pa
 
 @pytest.fixture(scope="module")
 def exported(best_checkpoint, tmp_path_factory):
-    """format -> (file, export.py's completed process), each exported once for the tests below."""
+    """format -> (file, export.py's completed process, the warnings it raised), each exported once for the tests below."""
     folder = tmp_path_factory.mktemp("exported")
     files = {}
     for export_format in ("onnx", "torchscript"):
         out = folder / f"model.{export_format}"
-        files[export_format] = out, run_in_process("export.py", best_checkpoint, "--format", export_format, "--out", out)
+        with warnings.catch_warnings(record=True) as raised:
+            warnings.simplefilter("always")
+            result = run_in_process("export.py", best_checkpoint, "--format", export_format, "--out", out)
+        files[export_format] = out, result, raised
     return files
 
 
@@ -194,9 +198,10 @@ def exported(best_checkpoint, tmp_path_factory):
 def test_export_matches_pytorch(best_checkpoint, exported, export_format):
     from lit_modules import load_classifier
 
-    out, result = exported[export_format]
+    out, result, raised = exported[export_format]
     assert result.returncode == 0, result.stderr[-3000:]
     assert out.is_file() and f"Wrote {out}" in result.stdout
+    assert [str(warning.message) for warning in raised] == []  # a user sees no tracer or deprecation notices
     reference = load_classifier(best_checkpoint).float().eval()  # resizes to the trained input size, as the export must
     assert reference.input_resize.size == 48
     for batch_size in (1, 7):
@@ -221,7 +226,7 @@ def test_export_matches_pytorch(best_checkpoint, exported, export_format):
 
 
 def test_predict_runs_an_exported_onnx_model(best_checkpoint, exported, prediction_inputs):
-    out, export = exported["onnx"]
+    out, export, _ = exported["onnx"]
     assert export.returncode == 0, export.stderr[-3000:]
     from_onnx = run_in_process("predict.py", out, prediction_inputs / "small.png", prediction_inputs / "large.jpg", "--json")
     from_ckpt = run_in_process("predict.py", best_checkpoint, prediction_inputs / "small.png", prediction_inputs / "large.jpg", "--json")
