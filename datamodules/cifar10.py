@@ -356,7 +356,10 @@ class CIFAR10DataModule(pl.LightningDataModule):
             train_index, val_index = split_train_val(len(arrays["train_labels"]), self.val_size, self.split_seed)
             self.train_set = TensorDataset(arrays["train_images"][train_index], arrays["train_labels"][train_index])
             self.val_set = TensorDataset(arrays["train_images"][val_index], arrays["train_labels"][val_index])
-            self.test_set = TensorDataset(arrays["test_images"], arrays["test_labels"])
+            # An image folder lists its test images class by class. In a fixed shuffled order any leading part
+            # (--limit-test-batches) samples all ten classes instead of the first one; a whole test is unchanged.
+            test_order = torch.randperm(len(arrays["test_labels"]), generator=torch.Generator().manual_seed(self.split_seed))
+            self.test_set = TensorDataset(arrays["test_images"][test_order], arrays["test_labels"][test_order])
             self.train_sampler = EpochShuffleSampler(len(self.train_set), self.seed)
 
     def train_batches_done(self) -> int:

@@ -122,6 +122,20 @@ def test_validation_and_training_images_do_not_overlap(image_folder, cache_dir):
     assert len(train) == 60 and len(val) == 20 and train.isdisjoint(val)
 
 
+def test_a_limited_test_samples_every_class_with_images_and_labels_still_paired(image_folder, cache_dir):
+    """The folder lists test images class by class; the first batches of the test loader must not."""
+    first_batches = []
+    for _ in range(2):
+        datamodule = CIFAR10DataModule(image_folder, batch_size=6, val_size=20, cache_dir=cache_dir)
+        datamodule.setup("test")
+        first_batches.append(next(iter(datamodule.test_dataloader())))
+    (images, labels), (again_images, again_labels) = first_batches
+    assert len(set(labels.tolist())) >= 4  # in folder order the first 6 of 30 images are 2 classes
+    assert torch.equal(images, again_images) and torch.equal(labels, again_labels)  # a fixed order
+    for image, label in zip(images, labels):  # conftest tints channel (label % 3) with the value 20 * label
+        assert abs(int(image[int(label) % 3].float().mean()) - 20 * int(label)) <= 3
+
+
 def test_labels_follow_cifar10_order(image_folder):
     arrays = load_cifar10(image_folder, cache_dir=None)
     # conftest tints channel (label % 3) with the value 20 * label.
