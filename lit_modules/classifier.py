@@ -131,7 +131,9 @@ class LitClassifier(pl.LightningModule):
         return list(self.hparams.class_names)
 
     def forward(self, images: Tensor) -> Tensor:
-        return self.model(self.input_resize(images))
+        # Under --precision bf16-true or 64-true the weights change type; Lightning converts the batches to it,
+        # but not example_input_array, which the layer summary runs through here.
+        return self.model(self.input_resize(images.to(self.dtype)))
 
     def test_views(self, images: Tensor) -> list[Tensor]:
         """The views of a normalised batch that the test stage averages over.

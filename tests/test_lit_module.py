@@ -32,6 +32,18 @@ def test_fast_dev_run_trains_validates_and_tests(image_folder, cache_dir, tmp_pa
     assert {"test/loss", "test/acc", "test/acc_class/cat"} <= set(result) and 0.0 <= result["test/acc"] <= 1.0
 
 
+@pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
+def test_true_precisions_train_with_the_layer_summary(image_folder, cache_dir, tmp_path, precision, dtype):
+    """The summary's example image reaches the network in the weights' type, as the batches do."""
+    datamodule = CIFAR10DataModule(image_folder, batch_size=8, val_size=20, cache_dir=cache_dir)
+    module = LitClassifier("resnet50_seed")
+    trainer = small_trainer(tmp_path, precision=precision, enable_model_summary=True, max_epochs=1,
+                            limit_train_batches=2, limit_val_batches=1)
+    trainer.fit(module, datamodule=datamodule)
+    assert {parameter.dtype for parameter in module.model.parameters()} == {dtype}
+    assert trainer.global_step == 2 and torch.isfinite(trainer.callback_metrics["val/loss"])
+
+
 def test_layer_summary_counts_forward_flops_per_image_at_the_size_the_network_sees():
     def summary_flops(**options) -> int:
         return ModelSummary(LitClassifier("resnet50", **options)).total_flops
