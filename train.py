@@ -189,6 +189,8 @@ def parse_devices(text: str, accelerator: str):
             raise UserError(f"--devices {count}: this machine has {os.cpu_count()} CPU cores; use at most that many")
         return count
     if re.fullmatch(r"\d+(,\d+)*,?", text):
+        if accelerator == "cpu":
+            raise UserError(f"--devices {text}: on the CPU --devices takes a count of processes, like 2")
         return [int(part) for part in text.split(",") if part]
     raise UserError(f"--devices takes a count, a list like 0,1, or auto; got {text!r}")
 
@@ -561,7 +563,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             fast_dev_run=args.fast_dev_run,
             deterministic=args.deterministic,
         )
-    except (MisconfigurationException, ValueError, RuntimeError) as error:
+    except (MisconfigurationException, ValueError, RuntimeError, TypeError) as error:  # e.g. --devices 0,1 on a CPU
         raise UserError(str(error).strip().splitlines()[0]) from None
 
     keeps_records = trainer.is_global_zero and not args.fast_dev_run

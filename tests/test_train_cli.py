@@ -209,6 +209,7 @@ def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
     [
         (["--devices", "two"], "--devices takes a count"),
         (["--accelerator", "cpu", "--devices", "512"], "this machine has"),
+        (["--accelerator", "cpu", "--devices", "0,1"], "--devices 0,1: on the CPU --devices takes a count of processes"),
         (["--ckpt-path", "missing.ckpt"], "missing.ckpt: no such file"),
         (["--init-from", "missing.pt"], "missing.pt: no such file"),
         (["--cutout", "33"], "--cutout: must be at most 32, the side of a CIFAR-10 image, got 33"),
