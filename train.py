@@ -398,22 +398,25 @@ def build_module(args, resumed: dict | None, precision: str):
     if resumed is not None:
         return classifier_from_hparams(resumed["hyper_parameters"])
     args.epochs = args.epochs or DEFAULT_EPOCHS
-    module = LitClassifier(
-        model_name=args.model,
-        model_options=model_options(args),
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        weight_decay=args.weight_decay,
-        label_smoothing=args.label_smoothing,
-        scheduler=args.scheduler,
-        warmup_fraction=args.warmup_fraction,
-        channels_last=args.channels_last,
-        test_time_flip=args.test_time_flip,
-        test_time_shift=args.test_time_shift,
-        input_size=resolve_input_size(args, precision),
-        ema_decay=args.ema_decay,
-    )
+    try:
+        module = LitClassifier(
+            model_name=args.model,
+            model_options=model_options(args),
+            optimizer=args.optimizer,
+            lr=args.lr,
+            momentum=args.momentum,
+            weight_decay=args.weight_decay,
+            label_smoothing=args.label_smoothing,
+            scheduler=args.scheduler,
+            warmup_fraction=args.warmup_fraction,
+            channels_last=args.channels_last,
+            test_time_flip=args.test_time_flip,
+            test_time_shift=args.test_time_shift,
+            input_size=resolve_input_size(args, precision),
+            ema_decay=args.ema_decay,
+        )
+    except ValueError as error:  # an --input-size the network cannot take; argparse has checked the other flags
+        raise UserError(f"{error} (--input-size)") from None
     if args.init_from:
         skipped = init_weights(module.model, args.init_from, strict=args.init_strict)
         print(f"Initialised from {args.init_from}" + (f"; skipped {len(skipped)}: {', '.join(skipped)}" if skipped else ""))

@@ -116,6 +116,10 @@ class LitClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.input_resize = InputResize(input_size)
         self.model = get_model(model_name, num_classes, **(model_options or {}))
+        smallest = getattr(self.model, "min_input_size", 1)
+        if input_size is not None and input_size < smallest:
+            raise ValueError(f"input size {input_size} is too small for {model_name}, "
+                             f"which needs images of at least {smallest}x{smallest}")
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.train_acc = MulticlassAccuracy(num_classes, average="micro")

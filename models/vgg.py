@@ -54,6 +54,8 @@ class VGG(nn.Module):
         feature_channels = [item for item in config if item != "M"][-1]
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = nn.Linear(feature_channels, num_classes)
+        # Each max-pool halves the map, rounding down: a smaller image has no pixel left before the last one.
+        self.min_input_size = 2 ** sum(item == "M" for item in config)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")

@@ -190,6 +190,14 @@ def test_onecycle_warms_up_then_decays(image_folder, cache_dir, tmp_path):
     assert trainer.optimizers[0].param_groups[0]["nesterov"] is True
 
 
+def test_an_input_size_below_what_the_network_takes_is_refused():
+    """VGG-16's five max-pools need 32x32; ResNet-50's strided convolutions take any size."""
+    with pytest.raises(ValueError, match="input size 31 is too small for vgg16, which needs images of at least 32x32"):
+        LitClassifier("vgg16", input_size=31)
+    assert LitClassifier("vgg16", input_size=32).eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+    assert LitClassifier("resnet50", input_size=4).eval()(torch.zeros(1, 3, 32, 32)).shape == (1, 10)
+
+
 @pytest.mark.parametrize("option, value", [("optimizer", "rmsprop"), ("scheduler", "step")])
 def test_unknown_optimiser_settings_raise(option, value):
     with pytest.raises(ValueError, match=f"unknown {option}"):
