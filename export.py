@@ -13,6 +13,7 @@ PyTorch model; a difference above ``--tolerance`` is an error.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import sys
@@ -23,6 +24,15 @@ from typing import Sequence
 from cli import ArgumentParser, UserError, positive_float, require_file, run_main
 
 FORMATS = ("onnx", "torchscript")
+DEFAULT_OPSET = 17
+OLDEST_OPSET = 11  # ONNX's Resize matches PyTorch's bilinear resize (a trained --input-size) from opset 11 on
+
+
+def opset_version(text: str) -> int:
+    value = int(text)
+    if value < OLDEST_OPSET:
+        raise argparse.ArgumentTypeError(f"must be at least {OLDEST_OPSET}, got {text}")
+    return value
 
 
 def build_parser() -> ArgumentParser:
@@ -30,7 +40,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("checkpoint", help="a .ckpt written by train.py")
     parser.add_argument("--format", required=True, choices=FORMATS, help="export format")
     parser.add_argument("--out", required=True, help="file to write (replaced atomically)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version")
+    parser.add_argument("--opset", type=opset_version, default=DEFAULT_OPSET,
+                        help=f"ONNX opset version, at least {OLDEST_OPSET}")
     parser.add_argument("--tolerance", type=positive_float, default=1e-4, help="largest accepted |difference| of logits")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser
@@ -106,7 +117,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.filterwarnings("ignore", category=FutureWarning)
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             if args.format == "onnx":
-                export_onnx(model, temporary, module.class_names, args.opset)
+                try:
+                    export_onnx(model, temporary, module.class_names, args.opset)
+                except Exception as error:  # the exporter's errors for an opset it cannot serve vary in type
+                    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+                    raise UserError(f"the ONNX export failed at --opset {args.opset} ({reason.rstrip(': ')}); "
+                                    f"the default {DEFAULT_OPSET} works") from None
             else:
                 export_torchscript(model, temporary, module.class_names)
             worst = 0.0

@@ -129,7 +129,9 @@ HELP_AND_REFUSALS = {
                 (["missing.ckpt", "README.md"], "missing.ckpt: no such file"),
                 (["README.md", "missing.png"], "missing.png: no such file or folder")],
     "export": [(["--help"], None),
-               (["missing.ckpt", "--format", "onnx", "--out", "missing.onnx"], "missing.ckpt: no such file")],
+               (["missing.ckpt", "--format", "onnx", "--out", "missing.onnx"], "missing.ckpt: no such file"),
+               (["missing.ckpt", "--format", "onnx", "--out", "missing.onnx", "--opset", "10"],
+                "--opset: must be at least 11, got 10")],
 }
 
 

@@ -225,6 +225,13 @@ def test_export_matches_pytorch(best_checkpoint, exported, export_format):
         assert (got - expected).abs().max() <= 1e-4
 
 
+def test_an_opset_the_exporter_cannot_serve_is_one_line_and_writes_nothing(best_checkpoint, tmp_path):
+    out = tmp_path / "model.onnx"
+    result = run_in_process("export.py", best_checkpoint, "--format", "onnx", "--out", out, "--opset", "99")
+    assert_one_line_error(result, "the ONNX export failed at --opset 99", "the default 17 works")
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_predict_runs_an_exported_onnx_model(best_checkpoint, exported, prediction_inputs):
     out, export, _ = exported["onnx"]
     assert export.returncode == 0, export.stderr[-3000:]
