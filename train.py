@@ -267,6 +267,8 @@ def estimated_checkpoint_bytes(num_parameters: int) -> int:
 
 def check_logdir(logdir: Path, bytes_needed: int) -> None:
     """Refuse an unwritable --logdir or one without room for the checkpoints, before any work starts."""
+    if logdir.exists() and not logdir.is_dir():
+        raise UserError(f"--logdir {logdir} is a file, not a folder; choose a folder")
     try:
         logdir.mkdir(parents=True, exist_ok=True)
         probe = logdir / f".write-test-{os.getpid()}"

@@ -398,6 +398,10 @@ def test_unwritable_logdir_is_refused_before_training(image_folder, tmp_path):
     result = run_in_process("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
                             "--logdir", blocker / "logs", *SMALL)
     assert_one_line_error(result, f"--logdir {blocker / 'logs'} is not writable")
+    result = run_in_process("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
+                            "--logdir", blocker, *SMALL)
+    assert_one_line_error(result, f"--logdir {blocker} is a file, not a folder")
+    assert blocker.read_text() == ""
 
 
 def test_full_disk_is_refused_before_training(image_folder, tmp_path, monkeypatch, capsys):
