@@ -154,14 +154,16 @@ class EpochTimer(pl.Callback):
         if self._start is None:
             return
         seconds = time.perf_counter() - self._start
+        # Under DDP every process logs and the synchronised value is the slowest process's: its time, the images
+        # of all processes over that time, the largest peak memory.
         metrics = {
-            "perf/epoch_seconds": seconds,
-            "perf/train_images_per_sec": self._images * trainer.world_size / seconds,
+            "perf/epoch_seconds": (seconds, "max"),
+            "perf/train_images_per_sec": (self._images * trainer.world_size / seconds, "min"),
         }
         if torch.cuda.is_available() and pl_module.device.type == "cuda":
-            metrics["perf/gpu_max_memory_gib"] = torch.cuda.max_memory_allocated(pl_module.device) / 2**30
-        for name, value in metrics.items():
-            pl_module.log(name, value, on_step=False, on_epoch=True, rank_zero_only=True)
+            metrics["perf/gpu_max_memory_gib"] = (torch.cuda.max_memory_allocated(pl_module.device) / 2**30, "max")
+        for name, (value, slowest) in metrics.items():
+            pl_module.log(name, value, on_step=False, on_epoch=True, reduce_fx=slowest, sync_dist=True)
 
 
 # Lightning's weight-averaging callback arrived in pytorch-lightning 2.6; older versions train without --ema-decay.

@@ -187,8 +187,13 @@ class LitClassifier(pl.LightningModule):
         loss = F.cross_entropy(logits, labels, label_smoothing=self.hparams.label_smoothing)
         accuracy = getattr(self, f"{stage}_acc")
         accuracy.update(logits, labels)  # only accumulate: the value is computed once, at the epoch's end
-        on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=stage != "test", sync_dist=not on_step)
+        if stage == "train":
+            # Each step's loss stays on its process (no communication per step); the epoch's mean is
+            # synchronised across processes once, at the epoch's end.
+            self.log("train/loss_step", loss, on_step=True, on_epoch=False, prog_bar=True)
+            self.log("train/loss_epoch", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        else:
+            self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, prog_bar=stage != "test", sync_dist=True)
         self.log(f"{stage}/acc", accuracy, on_step=False, on_epoch=True, prog_bar=True)
         return loss, logits
 
@@ -233,7 +238,8 @@ class LitClassifier(pl.LightningModule):
             return
         per_class = matrix.diag().float() / matrix.sum(dim=1).clamp(min=1).float()
         for name, value in zip(self.class_names, per_class.tolist()):
-            self.log(f"{stage}/acc_class/{name}", value, sync_dist=False, rank_zero_only=True)
+            # The same value on every process: synchronising it changes nothing but is Lightning's contract.
+            self.log(f"{stage}/acc_class/{name}", value, sync_dist=True)
         writer = self._tensorboard()
         if writer is not None:
             figure = visuals.confusion_matrix_figure(matrix, self.class_names, title=f"{stage} confusion matrix")

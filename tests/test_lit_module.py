@@ -26,7 +26,7 @@ def test_fast_dev_run_trains_validates_and_tests(image_folder, cache_dir, tmp_pa
     trainer = small_trainer(tmp_path, fast_dev_run=True)
     trainer.fit(module, datamodule=datamodule)
     logged = trainer.callback_metrics
-    assert {"train/loss", "train/acc", "train/lr", "val/loss", "val/acc"} <= set(logged)
+    assert {"train/loss_step", "train/loss_epoch", "train/acc", "train/lr", "val/loss", "val/acc"} <= set(logged)
     assert any(not torch.equal(b, p) for b, p in zip(before, module.model.parameters()))
     result = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     assert {"test/loss", "test/acc", "test/acc_class/cat"} <= set(result) and 0.0 <= result["test/acc"] <= 1.0
