@@ -195,6 +195,17 @@ def parse_devices(text: str, accelerator: str):
     raise UserError(f"--devices takes a count, a list like 0,1, or auto; got {text!r}")
 
 
+def check_strategy(strategy: str) -> None:
+    """Refuse the strategies that train in child processes while the main one waits.
+
+    train.py records the run (epochs trained, best validation accuracy, run_info.json) from the
+    process that called ``fit``; after a spawned or forked fit that process holds none of it.
+    """
+    if re.match(r"ddp_(spawn|fork|notebook)", strategy):
+        raise UserError(f"--strategy {strategy}: train.py records its run from the process that trains; "
+                        "use --strategy ddp, which starts the same processes as a launcher")
+
+
 def check_devices(accelerator: str, devices) -> None:
     """A GPU asked for where there is none, or more GPUs than exist: say so before Lightning does, in plainer words."""
     import torch
@@ -493,6 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logdir = Path(args.logdir)
     devices = parse_devices(args.devices, args.accelerator)
+    check_strategy(args.strategy)
     ckpt_path = resumed = None
     if args.ckpt_path is not None:
         if args.init_from:

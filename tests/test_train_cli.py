@@ -212,6 +212,8 @@ def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
         (["--devices", "two"], "--devices takes a count"),
         (["--accelerator", "cpu", "--devices", "512"], "this machine has"),
         (["--accelerator", "cpu", "--devices", "0,1"], "--devices 0,1: on the CPU --devices takes a count of processes"),
+        (["--accelerator", "cpu", "--devices", "2", "--strategy", "ddp_spawn"],
+         "--strategy ddp_spawn: train.py records its run from the process that trains; use --strategy ddp"),
         (["--model", "vgg16", "--input-size", "16"],
          "input size 16 is too small for vgg16, which needs images of at least 32x32 (--input-size)"),
         (["--ckpt-path", "missing.ckpt"], "missing.ckpt: no such file"),
