@@ -55,6 +55,16 @@ def non_negative_int(text: str) -> int:
     return value
 
 
+def view_shift(text: str) -> int:
+    """``--test-time-shift``: 0 up to the training crops' padding, so that every view is a window training showed."""
+    from datamodules.transforms import CROP_PADDING  # here, so that --help does not wait for Lightning's import
+
+    value = non_negative_int(text)
+    if value > CROP_PADDING:
+        raise argparse.ArgumentTypeError(f"must be at most {CROP_PADDING}, the padding of the training crops, got {text}")
+    return value
+
+
 def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:  # also refuses nan

@@ -19,7 +19,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cli import DEFAULT_DATA_DIR, ArgumentParser, non_negative_int, positive_int, require_file, run_main, str_to_bool, write_json_atomic
+from cli import (DEFAULT_DATA_DIR, ArgumentParser, positive_int, require_file, run_main, str_to_bool, view_shift,
+                 write_json_atomic)
 
 
 def build_parser() -> ArgumentParser:
@@ -32,7 +33,7 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     parser.add_argument("--test-time-flip", type=str_to_bool, default=None, metavar="BOOL",
                         help="average each image's and its mirror image's probabilities (default: as the run tested)")
-    parser.add_argument("--test-time-shift", type=non_negative_int, default=None, metavar="PIXELS",
+    parser.add_argument("--test-time-shift", type=view_shift, default=None, metavar="PIXELS",
                         help="also average copies shifted by this many pixels each way (default: as the run tested)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")

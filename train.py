@@ -43,6 +43,7 @@ from cli import (
     run_main,
     str_to_bool,
     trains_on_cpu,
+    view_shift,
     write_json_atomic,
 )
 from models import list_models
@@ -127,10 +128,10 @@ def build_parser() -> ArgumentParser:
     evaluation.add_argument("--test-time-flip", type=str_to_bool, default=True, metavar="BOOL",
                             help="test on the mean of each image's and its mirror image's probabilities "
                                  "(validation stays single-view)")
-    evaluation.add_argument("--test-time-shift", type=non_negative_int, default=0, metavar="PIXELS",
+    evaluation.add_argument("--test-time-shift", type=view_shift, default=0, metavar="PIXELS",
                             help="also test on copies shifted by this many pixels left, right, up and down, the "
                                  "uncovered border black as in the training crops (and their mirrors): "
-                                 "10 views instead of 2; 0 turns it off")
+                                 "10 views instead of 2; 0 turns it off, at most 4 (the padding of the training crops)")
 
     run = parser.add_argument_group("run control")
     run.add_argument("--limit-train-batches", type=int_or_fraction, default=None, help="batches (int) or fraction per epoch")

@@ -15,6 +15,7 @@ from torch import Tensor
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+CROP_PADDING = 4  # the seed's training crop: a 32x32 window of the image zero-padded by 4 pixels each side
 # The mean colour as uint8 pixel values: what cutout fills with, and what normalize maps to about zero.
 CIFAR10_MEAN_UINT8 = tuple(round(255 * m) for m in CIFAR10_MEAN)
 
@@ -45,7 +46,7 @@ def normalize(images: Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> Tensor:
     return (images.float().div_(255.0) - mean_t).div_(std_t)
 
 
-def random_crop(images: Tensor, padding: int = 4, generator: torch.Generator | None = None) -> Tensor:
+def random_crop(images: Tensor, padding: int = CROP_PADDING, generator: torch.Generator | None = None) -> Tensor:
     """Zero-pad each side by ``padding`` and take one random HxW window per image.
 
     Equivalent to torchvision's ``RandomCrop(size, padding)`` applied image by
@@ -91,5 +92,5 @@ def cutout(images: Tensor, size: int, generator: torch.Generator | None = None) 
 
 def train_augment(images: Tensor, generator: torch.Generator | None = None, cutout_size: int = 0) -> Tensor:
     """The seed's training augmentation (4-pixel-padded random crop, random horizontal flip), then optional cutout."""
-    images = random_horizontal_flip(random_crop(images, 4, generator), 0.5, generator)
+    images = random_horizontal_flip(random_crop(images, CROP_PADDING, generator), 0.5, generator)
     return cutout(images, cutout_size, generator)

@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
 from datamodules.cifar10 import IMAGE_SIZE
-from datamodules.transforms import normalize
+from datamodules.transforms import CROP_PADDING, normalize
 from lit_modules import visuals
 from models import InputResize, get_model
 
@@ -105,8 +105,9 @@ class LitClassifier(pl.LightningModule):
             raise ValueError(f"unknown optimizer {optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
         if scheduler not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {scheduler!r}; choose one of {', '.join(SCHEDULERS)}")
-        if test_time_shift < 0:
-            raise ValueError(f"test_time_shift must be zero or positive, got {test_time_shift}")
+        if not 0 <= test_time_shift <= CROP_PADDING:
+            raise ValueError(f"test_time_shift must be between 0 and {CROP_PADDING}, the padding of the training "
+                             f"crops, got {test_time_shift}")
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if class_names is None:

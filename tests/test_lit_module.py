@@ -158,9 +158,10 @@ def test_shifted_views_are_windows_of_the_black_padded_image_as_the_training_cro
         torch.testing.assert_close(view, normalize(window))
 
 
-def test_negative_test_time_shift_is_refused():
-    with pytest.raises(ValueError, match="test_time_shift"):
-        LitClassifier("vgg16", test_time_shift=-1)
+@pytest.mark.parametrize("shift", [-1, 5])
+def test_a_test_time_shift_outside_the_training_crops_is_refused(shift):
+    with pytest.raises(ValueError, match=f"test_time_shift must be between 0 and 4, the padding of the training crops, got {shift}"):
+        LitClassifier("vgg16", test_time_shift=shift)
 
 
 def test_weight_decay_skips_batchnorm_and_biases():
