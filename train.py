@@ -98,7 +98,7 @@ def build_parser() -> ArgumentParser:
                        help=f"training epochs; the learning-rate schedule spans them (default: {DEFAULT_EPOCHS}, or the resumed run's)")
     optim.add_argument("--optimizer", default="sgd", choices=("sgd", "adam", "adamw"), help="SGD uses Nesterov momentum")
     optim.add_argument("--lr", type=positive_float, default=0.1, help="peak learning rate")
-    optim.add_argument("--momentum", type=non_negative_float, default=0.9, help="SGD momentum")
+    optim.add_argument("--momentum", type=fraction, default=0.9, help="SGD momentum, in [0, 1)")
     optim.add_argument("--weight-decay", type=non_negative_float, default=5e-4,
                        help="on conv and linear weights, not on BatchNorm or biases")
     optim.add_argument("--label-smoothing", type=fraction, default=0.1, help="cross-entropy label smoothing")

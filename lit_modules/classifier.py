@@ -108,6 +108,8 @@ class LitClassifier(pl.LightningModule):
         if not 0 <= test_time_shift <= CROP_PADDING:
             raise ValueError(f"test_time_shift must be between 0 and {CROP_PADDING}, the padding of the training "
                              f"crops, got {test_time_shift}")
+        if not 0 <= momentum < 1:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
         if not 0 <= ema_decay < 1:
             raise ValueError(f"ema_decay must be in [0, 1), got {ema_decay}")
         if class_names is None:

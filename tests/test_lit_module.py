@@ -205,6 +205,11 @@ def test_unknown_optimiser_settings_raise(option, value):
         LitClassifier("vgg16", **{option: value})
 
 
+def test_momentum_of_one_or_more_is_refused():
+    with pytest.raises(ValueError, match=r"momentum must be in \[0, 1\), got 1.0"):
+        LitClassifier("vgg16", momentum=1.0)
+
+
 def test_ema_decay_out_of_range_is_refused():
     with pytest.raises(ValueError, match="ema_decay must be in"):
         LitClassifier("vgg16", ema_decay=1.0)

@@ -188,6 +188,7 @@ def test_a_reader_that_stops_early_ends_the_script_quietly():
         (["--lr", "0"], "--lr: must be a positive number"),
         (["--lr", "nan"], "--lr: must be a positive number"),
         (["--precision", "8"], "--precision: invalid choice"),
+        (["--momentum", "1.5"], "--momentum: must be in [0, 1), got 1.5"),
         (["--test-time-shift", "5"], "--test-time-shift: must be at most 4, the padding of the training crops, got 5"),
         (["--optimizer", "rmsprop"], "--optimizer: invalid choice"),
         (["--input-size", "0"], "--input-size: must be 'auto' or a positive integer"),
