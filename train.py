@@ -454,9 +454,9 @@ def build_callbacks(args, checkpoint_dir: Path, has_validation: bool):
     """(callbacks, the best-checkpoint callback or None under --fast-dev-run)."""
     from pytorch_lightning.callbacks import ModelCheckpoint, TQDMProgressBar
 
-    from lit_modules.callbacks import CheckpointOnInterrupt, EpochTimer, PeriodicCheckpoint, StopAfterEpochs
+    from lit_modules.callbacks import CheckpointOnInterrupt, EpochTimer, PeriodicCheckpoint, StopAfterEpochs, StopOnDivergence
 
-    callbacks: list = [EpochTimer()]
+    callbacks: list = [EpochTimer(), StopOnDivergence()]
     best_checkpoint = None
     if not args.fast_dev_run:
         best_checkpoint = ModelCheckpoint(
@@ -527,7 +527,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from datamodules import CIFAR10DataModule
     from datamodules.cifar10 import default_cache_dir
-    from lit_modules.callbacks import EMA_SUPPORTED
+    from lit_modules.callbacks import EMA_SUPPORTED, StopOnDivergence
     from lit_modules.checkpointing import AtomicCheckpointIO
 
     if args.ema_decay and not EMA_SUPPORTED:
@@ -561,6 +561,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     checkpoint_dir = run_dir / "checkpoints"
     has_validation = args.val_size > 0 and args.limit_val_batches != 0
     callbacks, best_checkpoint = build_callbacks(args, checkpoint_dir, has_validation)
+    divergence = next(callback for callback in callbacks if isinstance(callback, StopOnDivergence))
     quiet_library_notices()
     try:
         trainer = pl.Trainer(
@@ -632,6 +633,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Our checkpoints hold only tensors and plain types; newer Lightning can load them without unpickling code.
     safe_load = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
 
+    def record_divergence(epoch: int, best: str) -> int:
+        """Mark the run ``failed`` without testing it, and say what is left and what to change."""
+        message = f"the mean training loss of epoch {epoch} was not finite (the weights diverged); training stopped there"
+        if keeps_records:
+            record("failed", error=f"TrainingDiverged: {message}")
+        if trainer.is_global_zero:
+            kept = f"; the best checkpoint by val/acc is {best} (evaluate.py tests it)" if best and epoch > 0 else ""
+            print(f"train.py: {message}{kept}. Lower --lr (or raise --warmup-fraction) and run again", file=sys.stderr)
+        return 1
+
     def record_stop() -> int:
         """Mark the run ``interrupted``, say how to resume, and give the exit code of the signal."""
         by_sigterm = trainer.received_sigterm
@@ -653,6 +664,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt_path) if ckpt_path else None, **safe_load)
         best = best_checkpoint.best_model_path or best_checkpoint.last_model_path if best_checkpoint else ""
+        if divergence.diverged_epoch is not None:
+            return record_divergence(divergence.diverged_epoch, best)
         results = trainer.test(module, datamodule=datamodule, ckpt_path=best or None, verbose=False, **safe_load)
     except (SystemExit, SIGTERMException) as stop:
         if not trainer.interrupted:

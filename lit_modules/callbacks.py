@@ -130,6 +130,25 @@ class StopAfterEpochs(pl.Callback):
             trainer.should_stop = True
 
 
+class StopOnDivergence(pl.Callback):
+    """End training after an epoch whose mean training loss is not finite (nan or inf).
+
+    Such weights do not recover: every later epoch would be wasted, and a test of
+    them would score one class for every image. ``diverged_epoch`` is then that
+    epoch (from 0). Checked once per epoch, from the loss the epoch already logs
+    (synchronised across DDP processes, so all of them stop together).
+    """
+
+    def __init__(self) -> None:
+        self.diverged_epoch: int | None = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module) -> None:
+        loss = trainer.callback_metrics.get("train/loss_epoch")
+        if loss is not None and not torch.isfinite(loss).all():
+            self.diverged_epoch = trainer.current_epoch
+            trainer.should_stop = True
+
+
 class EpochTimer(pl.Callback):
     """Log each training epoch's wall time, images per second (all processes) and peak GPU memory.
 

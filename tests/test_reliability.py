@@ -284,6 +284,22 @@ def test_stop_before_the_first_step_says_there_is_nothing_to_resume(image_folder
     assert json.loads((logdir / "version_0" / "run_info.json").read_text())["status"] == "interrupted"
 
 
+def test_a_diverged_run_stops_after_that_epoch_and_says_so_instead_of_testing(image_folder, tmp_path):
+    logdir = tmp_path / "logs"
+    result = run_in_process("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir,
+                            *SMALL, "--epochs", "5", "--lr", "1e4", "--warmup-fraction", "0")
+    assert result.returncode == 1, result.stderr[-3000:]
+    message = result.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(r"train\.py: the mean training loss of epoch (\d) was not finite \(the weights diverged\); "
+                        r"training stopped there.*\. Lower --lr \(or raise --warmup-fraction\) and run again", message)
+    epoch = int(re.search(r"epoch (\d)", message).group(1))
+    assert epoch < 4 and "Test accuracy" not in result.stdout
+    run_dir = logdir / "version_0"
+    assert len(scalars(run_dir)["val/acc"]) == epoch + 1  # no epoch after the one that diverged
+    run_info = json.loads((run_dir / "run_info.json").read_text())
+    assert run_info["status"] == "failed" and run_info["error"].startswith("TrainingDiverged: ")
+
+
 def test_resume_refuses_flags_that_differ_from_the_run(trained_run, image_folder):
     """Recipe and data flags that contradict the checkpoint's run are refused, all named at once; nothing is written."""
     run_dir, _ = trained_run
