@@ -639,7 +639,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if keeps_records:
             record("failed", error=f"TrainingDiverged: {message}")
         if trainer.is_global_zero:
-            kept = f"; the best checkpoint by val/acc is {best} (evaluate.py tests it)" if best and epoch > 0 else ""
+            kept = (f"; the best checkpoint by val/acc is {best} (evaluate.py tests it)"
+                    if best and epoch > 0 and has_validation else "")
             print(f"train.py: {message}{kept}. Lower --lr (or raise --warmup-fraction) and run again", file=sys.stderr)
         return 1
 
