@@ -19,6 +19,9 @@ there.
 
 Validation is held out from the training images (``val_size`` of them, chosen
 by a fixed ``split_seed``); the test set is never used for model selection.
+Validation and test images come in a fixed shuffled order (an image folder
+lists them class by class), so a test limited to a few batches samples every
+class.
 
 Reproducible and resumable, from any checkpoint: each epoch's shuffling
 order is drawn from ``seed`` and the number of passes so far (part of the
