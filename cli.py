@@ -107,6 +107,12 @@ def str_to_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text}")
 
 
+def error_summary(error: BaseException) -> str:
+    """An exception as one line: its type and the first line of its message, as in ``TypeError: ...``."""
+    message = str(error).strip()
+    return type(error).__name__ + (f": {message.splitlines()[0]}" if message else "")
+
+
 def require_file(path: str | Path) -> Path:
     """``path`` as a Path, or a UserError at once when no such file exists (before any slow import)."""
     path = Path(path)

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from cli import ArgumentParser, UserError, positive_float, require_file, run_main
+from cli import ArgumentParser, UserError, error_summary, positive_float, require_file, run_main
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_OPSET = 17
@@ -120,8 +120,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 try:
                     export_onnx(model, temporary, module.class_names, args.opset)
                 except Exception as error:  # the exporter's errors for an opset it cannot serve vary in type
-                    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
-                    raise UserError(f"the ONNX export failed at --opset {args.opset} ({reason.rstrip(': ')}); "
+                    raise UserError(f"the ONNX export failed at --opset {args.opset} ({error_summary(error)}); "
                                     f"the default {DEFAULT_OPSET} works") from None
             else:
                 export_torchscript(model, temporary, module.class_names)

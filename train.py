@@ -31,6 +31,7 @@ from cli import (
     RUN_INFO_TIME_FORMAT,
     ArgumentParser,
     UserError,
+    error_summary,
     fraction,
     int_or_fraction,
     launch_history,
@@ -620,8 +621,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         """Mark the run ``failed`` with the error's first line, and say how to resume when training had begun."""
         if not keeps_records:
             return
-        message = str(error).strip()
-        record("failed", error=type(error).__name__ + (f": {message.splitlines()[0]}" if message else ""))
+        record("failed", error=error_summary(error))
         last = checkpoint_dir / "last.ckpt"
         if trainer.state.fn == "fit" and trainer.global_step > 0 and last.is_file():
             print(f"train.py: training failed; last.ckpt holds step {trainer.global_step}; "
