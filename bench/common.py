@@ -6,6 +6,7 @@ import contextlib
 import statistics
 import time
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -52,7 +53,9 @@ class PlainStep:
     ``pointwise_as_matrix=False`` the 1x1 convolutions, and with
     ``weight_grad_as_matrix=False`` the weight gradients on small maps run through
     ``nn.Conv2d`` instead of the matrix products of ``models.layers.Conv2d``.
-    Calling it returns the step's seconds.
+    Calling it returns the step's seconds; ``compute_seconds`` then holds the part
+    of them spent in the model's forward pass, the backward pass and the optimiser's
+    update, the work the Trainer's step shares with it.
     """
 
     def __init__(self, model_name: str, precision: str, channels_last: bool, compile: bool = False,
@@ -82,10 +85,16 @@ class PlainStep:
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
             with autocast_for(self.precision):
-                loss = F.cross_entropy(self.model(self.resize(batch)), labels, label_smoothing=0.1)
+                batch = self.resize(batch)
+                forward_start = time.perf_counter()
+                logits = self.model(batch)
+                forward_seconds = time.perf_counter() - forward_start
+                loss = F.cross_entropy(logits, labels, label_smoothing=0.1)
             self.optimizer.zero_grad(set_to_none=True)
+            backward_start = time.perf_counter()
             loss.backward()
             self.optimizer.step()
+            self.compute_seconds = forward_seconds + time.perf_counter() - backward_start
             if self.average is not None:
                 self.average.update_parameters(self.model)
         return time.perf_counter() - start
@@ -190,6 +199,13 @@ class PlainStepBetweenBatches(pl.Callback):
     start, so the span from one batch's start to the next holds one whole Trainer
     step plus the plain step run at its end. The trial runs one batch more than it
     times, to close the last span.
+
+    It also times, inside each Trainer step, the work the plain step shares with it:
+    the model's forward pass, the backward pass and the optimiser's update. Each
+    side's step less that work is its own work (fetching, augmenting, the loss,
+    metrics, logging and hooks for the Trainer; augmenting and the loss for the plain
+    loop): a few milliseconds, free of the step-to-step variation of the compute,
+    which on a shared machine reaches several per cent of a whole step.
     """
 
     def __init__(self, plain_step: PlainStep, batch_size: int, warmup: int, steps: int) -> None:
@@ -197,26 +213,74 @@ class PlainStepBetweenBatches(pl.Callback):
         self.images, self.labels = synthetic_images(batch_size, seed=1)
         self.starts: list[float] = []
         self.plain_seconds: list[float] = []
+        self.plain_compute_seconds: list[float] = []
+        self.trainer_compute_seconds: list[float] = []
+        self._compute = 0.0
+        self._mark = 0.0
+
+    def _start_timing(self, *_) -> None:
+        self._mark = time.perf_counter()
+
+    def _stop_timing(self, *_) -> None:
+        self._compute += time.perf_counter() - self._mark
+
+    def on_train_start(self, trainer, pl_module):
+        pl_module.model.register_forward_pre_hook(self._start_timing)
+        pl_module.model.register_forward_hook(self._stop_timing)
+        for optimizer in trainer.optimizers:
+            optimizer.register_step_post_hook(self._stop_timing)
+
+    def on_before_backward(self, trainer, pl_module, loss):
+        self._start_timing()
+
+    def on_after_backward(self, trainer, pl_module):
+        self._stop_timing()
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self._start_timing()  # the optimiser's update follows; its step post-hook stops the clock
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._compute = 0.0
         if batch_idx >= self.warmup:
             self.starts.append(time.perf_counter())
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         if batch_idx >= self.warmup + self.steps:
             return
+        trainer_compute = self._compute
         seconds = self.plain_step(self.images, self.labels)
         if batch_idx >= self.warmup:
             self.plain_seconds.append(seconds)
+            self.plain_compute_seconds.append(self.plain_step.compute_seconds)
+            self.trainer_compute_seconds.append(trainer_compute)
 
     @property
     def trainer_seconds(self) -> list[float]:
         spans = [end - start for start, end in zip(self.starts, self.starts[1:])]
         return [span - plain for span, plain in zip(spans, self.plain_seconds, strict=True)]
 
+    @property
+    def trainer_own_seconds(self) -> list[float]:
+        """Each timed Trainer step less its forward pass, backward pass and update."""
+        return [step - compute for step, compute in zip(self.trainer_seconds, self.trainer_compute_seconds, strict=True)]
+
+    @property
+    def plain_own_seconds(self) -> list[float]:
+        """Each timed plain step less its forward pass, backward pass and update."""
+        return [step - compute for step, compute in zip(self.plain_seconds, self.plain_compute_seconds, strict=True)]
+
+
+class StepTimes(NamedTuple):
+    """Seconds of each timed step, the Trainer's and the plain loop's, whole and less their shared compute."""
+
+    trainer: list[float]
+    plain: list[float]
+    trainer_own: list[float]
+    plain_own: list[float]
+
 
 def trainer_and_plain_step_seconds(model_name: str, batch_size: int, steps: int, warmup: int, precision: str,
-                                   logdir: str, input_size: int | None = None) -> tuple[list[float], list[float]]:
+                                   logdir: str, input_size: int | None = None) -> StepTimes:
     """Seconds of each timed step of LitClassifier in the Trainer (set up as train.py sets it up) and of the plain loop."""
     images, labels = synthetic_images(batch_size * (steps + warmup + 1) + 1)
     arrays = {"train_images": images, "train_labels": labels, "test_images": images[:1], "test_labels": labels[:1]}
@@ -231,4 +295,4 @@ def trainer_and_plain_step_seconds(model_name: str, batch_size: int, steps: int,
         enable_model_summary=False, num_sanity_val_steps=0,
     )
     trainer.fit(module, datamodule=datamodule)
-    return turns.trainer_seconds, turns.plain_seconds
+    return StepTimes(turns.trainer_seconds, turns.plain_seconds, turns.trainer_own_seconds, turns.plain_own_seconds)

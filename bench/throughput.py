@@ -17,6 +17,11 @@ For each model, in one process:
       from the start of one batch to the start of the next (fetch, batch
       transform, forward, backward, optimiser step, logging and progress-bar
       hooks) less the plain step inside it. ``--repeats`` fresh Trainers.
+      Whole steps of two models differ by several per cent from step to step on
+      a shared machine, so the script also times the forward pass, backward pass
+      and optimiser update inside both steps: what remains of each step (its own
+      work) is a few milliseconds, free of the compute's variation, and the
+      Trainer's cost is the difference between the two as a share of the plain step.
   Then plain-loop variants, again step by step in turn: fp32 against bf16 (where
   the CPU computes bf16 natively; elsewhere ``--precision auto`` trains in fp32
   and the bf16 cells say so), and at that default precision channels-last on
@@ -96,7 +101,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)  # --help and a mistyped flag answer before the slow imports below
     if args.matrix_size is not None and not args.flop_rate:
         parser.error("--matrix-size: only with --flop-rate")
-    from bench.common import (PlainStep, check_model_names, interleaved_step_seconds, markdown_table,
+    from bench.common import (PlainStep, check_model_names, interleaved_step_seconds, markdown_table, median,
                               median_step_throughput, trainer_and_plain_step_seconds)
     from datamodules.cifar10 import IMAGE_SIZE
 
@@ -118,16 +123,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     overhead_rows, lever_rows, compile_rows = [], [], []
     with tempfile.TemporaryDirectory() as logdir:
         for model in args.models:
-            trainer_seconds, plain_seconds = [], []
+            trainer_seconds, plain_seconds, trainer_own, plain_own = [], [], [], []
             for _ in range(args.repeats):
-                trainer_steps, plain_steps = trainer_and_plain_step_seconds(model, precision=precision, logdir=logdir,
-                                                                            **trial)
-                trainer_seconds += trainer_steps
-                plain_seconds += plain_steps
+                times = trainer_and_plain_step_seconds(model, precision=precision, logdir=logdir, **trial)
+                trainer_seconds += times.trainer
+                plain_seconds += times.plain
+                trainer_own += times.trainer_own
+                plain_own += times.plain_own
+            # The Trainer's cost step by step: its own work beyond the plain loop's, as a share of the plain step.
+            costs = [(own_a - own_b) / step_b
+                     for own_a, own_b, step_b in zip(trainer_own, plain_own, plain_seconds, strict=True)]
             overhead_rows.append([model, precision, str(args.batch_size),
                                   f"{median_step_throughput(trainer_seconds, args.batch_size):.1f}",
                                   f"{median_step_throughput(plain_seconds, args.batch_size):.1f}",
-                                  *ratio_cells(trainer_seconds, plain_seconds)])
+                                  *ratio_cells(trainer_seconds, plain_seconds),
+                                  f"{median(trainer_own) * 1000:.1f}", f"{median(plain_own) * 1000:.1f}",
+                                  f"{median(costs):.2%}"])
 
             # The other levers are measured at train.py's default precision; bf16 only where it is native.
             variants = {"fp32": PlainStep(model, "32-true", channels_last=True, input_size=args.input_size)}
@@ -167,9 +178,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nTraining throughput, images/s at the median step (input {size}x{size}; CPU). Trainer against plain loop: "
           f"{args.repeats} Trainers of {args.steps} steps, each followed by a plain step; the levers: "
           f"{args.steps * args.repeats} rounds of one step of each variant. Ratios: median of the step-by-step ratios "
-          "(quartiles beside it).\n")
-    print(markdown_table(["model", "precision", "batch", "(a) Trainer", "(b) plain loop", "ratio a/b", "quartiles"],
-                         overhead_rows))
+          "(quartiles beside it). Own work: each step less the model's forward pass, backward pass and optimiser "
+          "update, timed inside both (ms at the median step); the Trainer's cost: its own work less the plain loop's, "
+          "as a share of the plain step (median over the steps).\n")
+    print(markdown_table(["model", "precision", "batch", "(a) Trainer", "(b) plain loop", "ratio a/b", "quartiles",
+                          "(a) own ms", "(b) own ms", "Trainer's cost"], overhead_rows))
     print()
     print(f"Speed levers; channels-first, EMA, tiny maps, 1x1 convolutions, weight gradients and compiled at the "
           f"default precision "

@@ -39,6 +39,12 @@ def test_throughput_pairs_the_trainer_with_the_plain_loop_and_the_levers_step_by
     assert overhead["model"] == levers["model"] == "resnet50_seed" and overhead["batch"] == "8"
     assert float(overhead["(a) Trainer"]) > 0 and float(overhead["(b) plain loop"]) > 0
     assert_ratio_within_quartiles(overhead["ratio a/b"], overhead["quartiles"])
+    # own work: a step less its forward pass, backward pass and update; the Trainer's includes fetching and logging
+    trainer_own, plain_own = float(overhead["(a) own ms"]), float(overhead["(b) own ms"])
+    batch = int(overhead["batch"])
+    assert 0 < plain_own < 1000 * batch / float(overhead["(b) plain loop"])  # a part of the median step's ms
+    assert 0 < trainer_own < 1000 * batch / float(overhead["(a) Trainer"])
+    assert overhead["Trainer's cost"].endswith("%") and -100 < float(overhead["Trainer's cost"].rstrip("%")) < 100
     if resolve_precision("auto", "cpu") == "bf16-mixed":
         assert float(levers["bf16"]) > 0 and float(levers["bf16/fp32"]) > 0
     else:  # no bf16 instructions: train.py trains in fp32, and the table says bf16 was not measured
