@@ -177,6 +177,16 @@ def run_main(main: Callable[[Sequence[str] | None], int], argv: Sequence[str] | 
 RUN_INFO_TIME_FORMAT = "%Y-%m-%dT%H:%M:%S%z"  # the times in run_info.json
 
 
+def read_run_info(path: Path) -> dict:
+    """A run folder's ``run_info.json``; empty when it is missing or unreadable."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def launch_history(run_info: dict) -> list[dict]:
     """The launches (command, start, end, status) a run_info.json records; one for a record without that list."""
     if "launches" in run_info:

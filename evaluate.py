@@ -10,7 +10,10 @@ matrix (rows: true class, columns: predicted); ``--json PATH`` writes them too.
 The model is rebuilt from the checkpoint's hyperparameters alone, and scored as
 ``train.py`` tests it (with the mirror-image average unless the run turned it off;
 ``--test-time-flip false`` scores single views, ``--test-time-shift 2`` adds
-shifted views).
+shifted views), at the precision the run tested in, as its ``run_info.json``
+records it: bf16 rounding moves a few of 10,000 predictions, so a checkpoint
+scored in another precision can differ from the run's printed accuracy in the
+second decimal.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cli import (DEFAULT_DATA_DIR, ArgumentParser, positive_int, require_file, run_main, str_to_bool, view_shift,
-                 write_json_atomic)
+from cli import (DEFAULT_DATA_DIR, ArgumentParser, UserError, launch_history, positive_int, read_run_info, require_file,
+                 resolve_precision, run_main, str_to_bool, view_shift, write_json_atomic)
+
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")  # as train.py's --precision
 
 
 def build_parser() -> ArgumentParser:
@@ -35,6 +40,10 @@ def build_parser() -> ArgumentParser:
                         help="average each image's and its mirror image's probabilities (default: as the run tested)")
     parser.add_argument("--test-time-shift", type=view_shift, default=None, metavar="PIXELS",
                         help="also average copies shifted by this many pixels each way (default: as the run tested)")
+    parser.add_argument("--precision", default=None, choices=PRECISIONS,
+                        help="as train.py's --precision (default: as the run tested, from the run_info.json of the "
+                             "checkpoint's run folder; where there is none, auto: bf16-mixed where the device computes "
+                             "bf16 natively, else 32-true)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser
@@ -56,15 +65,45 @@ def pick_device(name: str):
     return device
 
 
-def predict_labels(module, loader, device) -> tuple:
-    """(predicted, true) label tensors over a loader of uint8 batches, normalised as in training."""
+def run_precision(checkpoint_path: str) -> str | None:
+    """The precision the run's last launch (the one that tested) recorded in its ``run_info.json``, if any.
+
+    A checkpoint of train.py lies in ``version_N/checkpoints/``, the record in ``version_N/``.
+    """
+    folder = Path(checkpoint_path).resolve().parent
+    if folder.name == "checkpoints":
+        folder = folder.parent
+    info = read_run_info(folder / "run_info.json")
+    launches = launch_history(info)
+    return (launches[-1].get("precision") if launches else None) or info.get("precision")
+
+
+def scoring_precision(given: str | None, checkpoint_path: str, device) -> str:
+    """``--precision``, else the run's, with ``auto`` made concrete for ``device``; refuses fp16 autocast on a CPU."""
+    recorded = None if given else run_precision(checkpoint_path)
+    precision = resolve_precision(given or recorded or "auto", "gpu" if device.type == "cuda" else "cpu")
+    if precision == "16-mixed" and device.type != "cuda":
+        source = "--precision 16-mixed" if given else "the run tested in 16-mixed, which"
+        raise UserError(f"{source} needs a CUDA GPU (--device cuda); on the CPU give --precision bf16-mixed or 32-true")
+    return precision
+
+
+def predict_labels(module, loader, device, precision: str = "32-true") -> tuple:
+    """(predicted, true) label tensors over a loader of uint8 batches, normalised as in training, at ``precision``
+    as Lightning applies it: ``*-mixed`` under autocast, ``*-true`` with the weights converted."""
+    import contextlib
+
     import torch
 
     from datamodules import normalize
 
     module.to(device).eval()
+    if precision in ("bf16-true", "64-true"):
+        module.to(torch.bfloat16 if precision == "bf16-true" else torch.float64)
+    autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    context = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     predicted, true = [], []
-    with torch.inference_mode():
+    with torch.inference_mode(), context:
         for images, labels in loader:
             logits = module.test_logits(normalize(images.to(device)))
             predicted.append(logits.argmax(dim=1).cpu())
@@ -107,14 +146,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.test_time_shift is not None:
         module.hparams.test_time_shift = args.test_time_shift
     device = pick_device(args.device)
+    precision = scoring_precision(args.precision, args.checkpoint, device)
     datamodule = CIFAR10DataModule(data_dir, batch_size=args.batch_size, val_size=0, cache_dir=cache_dir)
     datamodule.setup("test")
-    predicted, true = predict_labels(module, datamodule.test_dataloader(), device)
+    predicted, true = predict_labels(module, datamodule.test_dataloader(), device, precision)
     class_names = module.class_names
     matrix = confusion_matrix(predicted, true, len(class_names))
     accuracy = float((predicted == true).float().mean())
     per_class = (matrix.diag().float() / matrix.sum(dim=1).clamp(min=1).float()).tolist()
     print(format_report(accuracy, class_names, per_class, matrix))
+    print(f"\n{len(true)} test images, scored in {precision} on {device.type}")
     if args.json:
         write_json_atomic(Path(args.json), {
             "checkpoint": str(args.checkpoint),
@@ -122,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "images": len(true),
             "test_time_flip": bool(module.hparams.test_time_flip),
             "test_time_shift": int(module.hparams.test_time_shift),
+            "precision": precision,
             "accuracy": accuracy,
             "per_class_accuracy": dict(zip(class_names, per_class)),
             "class_names": class_names,

@@ -39,6 +39,7 @@ from cli import (
     non_negative_int,
     positive_float,
     positive_int,
+    read_run_info,
     require_file,
     resolve_precision,
     run_main,
@@ -480,16 +481,6 @@ def build_callbacks(args, checkpoint_dir: Path, has_validation: bool):
     if args.progress_refresh > 0:
         callbacks.append(TQDMProgressBar(refresh_rate=args.progress_refresh))
     return callbacks, best_checkpoint
-
-
-def read_run_info(path: Path) -> dict:
-    """A run folder's ``run_info.json``; empty when it is missing or unreadable (the resume goes on)."""
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def mark_killed(launch: dict) -> dict:

@@ -121,6 +121,8 @@ def test_evaluate_prints_and_writes_the_report(trained_run, best_checkpoint, ima
     assert data["per_class_accuracy"]["cat"] == pytest.approx(matrix[3, 3] / 3)
     assert data["model"] == "resnet50" and data["class_names"][0] == "airplane"
     assert data["test_time_flip"] is True and data["test_time_shift"] == 0  # as train.py tested it, by default
+    # the run trained and tested in 32-true (its run_info.json), whatever --precision auto would pick on this CPU
+    assert data["precision"] == "32-true" and result.stdout.splitlines()[-1] == "30 test images, scored in 32-true on cpu"
 
     single_view = run_in_process("evaluate.py", best_checkpoint, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
                                  "--test-time-flip", "false", "--test-time-shift", "1", "--json", report)
@@ -142,6 +144,36 @@ def test_evaluate_refuses_a_recorded_data_folder_that_is_gone(best_checkpoint, i
     assert not gone.exists()  # nothing was downloaded into it
     told = run_in_process("evaluate.py", moved, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache")
     assert told.returncode == 0 and told.stdout.startswith("Test accuracy: "), told.stderr[-3000:]
+
+
+def test_evaluate_scores_at_the_precision_the_run_recorded_unless_told(best_checkpoint, image_folder, tmp_path):
+    from cli import resolve_precision
+
+    run_dir = tmp_path / "version_0"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    checkpoint = run_dir / "checkpoints" / "best.ckpt"
+    checkpoint.write_bytes(best_checkpoint.read_bytes())
+    data = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--device", "cpu"]
+
+    def scored_precision(*flags) -> str:
+        report = tmp_path / "report.json"
+        result = run_in_process("evaluate.py", checkpoint, *data, *flags, "--json", report)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(report.read_text())["precision"]
+
+    assert scored_precision() == resolve_precision("auto", "cpu")  # no record beside the checkpoint
+    launches = [{"started": "2026-12-01T10:00:00+0000", "precision": "32-true"},
+                {"started": "2026-12-01T11:00:00+0000", "precision": "64-true"}]  # resumed: the last launch tested
+    (run_dir / "run_info.json").write_text(json.dumps({"precision": "32-true", "launches": launches}))
+    assert scored_precision() == "64-true"
+    assert scored_precision("--precision", "bf16-true") == "bf16-true"
+
+    fp16_on_cpu = run_in_process("evaluate.py", checkpoint, *data, "--precision", "16-mixed")
+    assert_one_line_error(fp16_on_cpu, "--precision 16-mixed needs a CUDA GPU", "--precision bf16-mixed or 32-true")
+    launches[-1]["precision"] = "16-mixed"
+    (run_dir / "run_info.json").write_text(json.dumps({"precision": "16-mixed", "launches": launches}))
+    recorded_fp16 = run_in_process("evaluate.py", checkpoint, *data)
+    assert_one_line_error(recorded_fp16, "the run tested in 16-mixed, which needs a CUDA GPU")
 
 
 @pytest.fixture
