@@ -125,6 +125,16 @@ def test_pointwise_matrix_product_equals_the_convolution_with_its_gradients(monk
     assert layer(images).is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_pointwise_weight_gradient_keeps_the_channels_last_kernels_strides(autocast):
+    layer = Conv2d(6, 5, kernel_size=1).to(memory_format=torch.channels_last)
+    images = torch.randn(4, 6, 3, 3).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        layer(images).float().square().sum().backward()
+    assert layer.weight.stride() == (6, 1, 6, 6)  # channels-last
+    assert layer.weight.grad.stride() == layer.weight.stride() and layer.weight.grad.dtype == torch.float32
+
+
 class RecordedOps(TorchDispatchMode):
     """The names of the aten operators run inside it, e.g. ``mm``, ``bmm``."""
 
