@@ -115,11 +115,7 @@ class Conv2d(nn.Conv2d):
             # copies it into one, where F.linear over the 4-D view would, without autograd,
             # multiply by a copy of the weight per image row (bmm: ResNet-50 validated 15x slower in bf16).
             pixels = x.permute(0, 2, 3, 1).reshape(-1, self.in_channels)
-            if torch.is_grad_enabled() and self.weight.requires_grad:
-                kernel = _PointwiseKernelMatrix.apply(self.weight)
-            else:  # no gradient to lay out; a plain view also traces for TorchScript and ONNX
-                kernel = self.weight.flatten(1)
-            out = F.linear(pixels, kernel, self.bias)
+            out = F.linear(pixels, _kernel_matrix(self.weight), self.bias)
             return out.view(batch, height, width, self.out_channels).permute(0, 3, 1, 2)
         # undilated, zero-padded by numbers: the windows the two paths below compute from
         plain_windows = self.dilation == (1, 1) and self.padding_mode == "zeros" and not isinstance(self.padding, str)
@@ -150,25 +146,19 @@ class Conv2d(nn.Conv2d):
         return 0 < out_height * out_width <= SMALL_MAP_PIXELS
 
 
-class _PointwiseKernelMatrix(torch.autograd.Function):
-    """A 1x1 kernel ``(out, in, 1, 1)`` as its ``(out, in)`` matrix, whose gradient comes back with the kernel's strides.
+def _kernel_matrix(kernel: Tensor) -> Tensor:
+    """A 1x1 kernel ``(out, in, 1, 1)`` as its ``(out, in)`` matrix, through views whose backward hands the gradient
+    back with the kernel's own strides.
 
-    A plain ``flatten`` returns the gradient contiguous: on a channels-last kernel its strides then
-    differ from the weight's on the size-1 dimensions. Autograd accepts that (its layout contract
-    ignores size-1 dimensions), but DDP's gradient buckets compare strides exactly and warn that
-    "grad strides do not match bucket view strides". For a 1x1 kernel every such stride addresses
-    the same elements, so the gradient only needs the kernel's strides, not a copy.
+    ``flatten`` alone returns a channels-last kernel's gradient with contiguous strides. Autograd
+    accepts that (its layout contract ignores size-1 dimensions), but DDP's gradient buckets compare
+    strides exactly and warn that "grad strides do not match bucket view strides". Flattening the
+    channels-last kernel from its memory order, ``(out, 1, 1, in)``, gives the gradient the kernel's
+    strides, still without a copy.
     """
-
-    @staticmethod
-    def forward(ctx, kernel):
-        ctx.kernel_size, ctx.kernel_strides = kernel.shape, kernel.stride()
+    if kernel.stride(-1) == 1:  # contiguous (out, in, 1, 1)
         return kernel.flatten(1)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_matrix):
-        return grad_matrix.contiguous().as_strided(ctx.kernel_size, ctx.kernel_strides)
+    return kernel.permute(0, 2, 3, 1).flatten(1)
 
 
 SMALL_MAP_PIXELS = 25
