@@ -130,6 +130,9 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")  # --precision of train.py and evaluate.py
+
+
 def resolve_precision(precision: str, accelerator: str) -> str:
     """``"auto"`` becomes ``"bf16-mixed"`` where the device computes bf16 natively, else ``"32-true"``."""
     if precision != "auto":

@@ -22,10 +22,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cli import (DEFAULT_DATA_DIR, ArgumentParser, UserError, launch_history, positive_int, read_run_info, require_file,
-                 resolve_precision, run_main, str_to_bool, view_shift, write_json_atomic)
-
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")  # as train.py's --precision
+from cli import (DEFAULT_DATA_DIR, PRECISIONS, ArgumentParser, UserError, launch_history, positive_int, read_run_info,
+                 require_file, resolve_precision, run_main, str_to_bool, view_shift, write_json_atomic)
 
 
 def build_parser() -> ArgumentParser:

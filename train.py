@@ -28,6 +28,7 @@ from typing import Sequence
 
 from cli import (
     DEFAULT_DATA_DIR,
+    PRECISIONS,
     RUN_INFO_TIME_FORMAT,
     ArgumentParser,
     UserError,
@@ -50,7 +51,6 @@ from cli import (
 )
 from models import list_models
 
-PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 DEFAULT_EPOCHS = 18
 AUTO_INPUT_SIZE = 48  # for ResNets with the ImageNet stem; see resolve_input_size
