@@ -145,6 +145,17 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     return "bf16-mixed" if cpu_supports_bf16() else "32-true"
 
 
+def autocast_for(precision: str, device_type: str):
+    """The autocast under which Lightning runs a ``*-mixed`` precision's forward pass on ``device_type``; for the
+    ``*-true`` precisions, which convert the weights instead, a context that does nothing."""
+    import contextlib
+
+    import torch
+
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+    return torch.autocast(device_type, dtype=dtype) if dtype else contextlib.nullcontext()
+
+
 def trains_on_cpu(accelerator: str) -> bool:
     """True where ``--accelerator`` leaves training on the CPU (``auto`` without a CUDA or Apple GPU)."""
     import torch

@@ -22,8 +22,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cli import (DEFAULT_DATA_DIR, PRECISIONS, ArgumentParser, UserError, launch_history, positive_int, read_run_info,
-                 require_file, resolve_precision, run_main, str_to_bool, view_shift, write_json_atomic)
+from cli import (DEFAULT_DATA_DIR, PRECISIONS, ArgumentParser, UserError, autocast_for, launch_history, positive_int,
+                 read_run_info, require_file, resolve_precision, run_main, str_to_bool, view_shift, write_json_atomic)
 
 
 def build_parser() -> ArgumentParser:
@@ -89,8 +89,6 @@ def scoring_precision(given: str | None, checkpoint_path: str, device) -> str:
 def predict_labels(module, loader, device, precision: str = "32-true") -> tuple:
     """(predicted, true) label tensors over a loader of uint8 batches, normalised as in training, at ``precision``
     as Lightning applies it: ``*-mixed`` under autocast, ``*-true`` with the weights converted."""
-    import contextlib
-
     import torch
 
     from datamodules import normalize
@@ -98,10 +96,8 @@ def predict_labels(module, loader, device, precision: str = "32-true") -> tuple:
     module.to(device).eval()
     if precision in ("bf16-true", "64-true"):
         module.to(torch.bfloat16 if precision == "bf16-true" else torch.float64)
-    autocast = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
-    context = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
     predicted, true = [], []
-    with torch.inference_mode(), context:
+    with torch.inference_mode(), autocast_for(precision, device.type):
         for images, labels in loader:
             logits = module.test_logits(normalize(images.to(device)))
             predicted.append(logits.argmax(dim=1).cpu())

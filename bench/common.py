@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import time
 from collections.abc import Mapping
@@ -12,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from cli import UserError
+from cli import UserError, autocast_for
 from datamodules import CIFAR10DataModule
 from datamodules.transforms import normalize, train_augment
 from lit_modules import LitClassifier
@@ -33,12 +32,6 @@ def synthetic_images(count: int, seed: int = 0) -> tuple[torch.Tensor, torch.Ten
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (count, 3, 32, 32), dtype=torch.uint8, generator=generator)
     return images, torch.randint(0, 10, (count,), generator=generator)
-
-
-def autocast_for(precision: str):
-    if precision == "bf16-mixed":
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 class PlainStep:
@@ -84,7 +77,7 @@ class PlainStep:
             batch = normalize(train_augment(images))
             if self.channels_last:
                 batch = batch.contiguous(memory_format=torch.channels_last)
-            with autocast_for(self.precision):
+            with autocast_for(self.precision, "cpu"):
                 batch = self.resize(batch)
                 forward_start = time.perf_counter()
                 logits = self.model(batch)
