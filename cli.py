@@ -98,6 +98,14 @@ def int_or_fraction(text: str) -> int | float:
     return value
 
 
+def positive_int_or_fraction(text: str) -> int | float:
+    """A limit that keeps some batches: at least 1 of them, or a fraction in (0, 1]."""
+    value = int_or_fraction(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError(f"must be a batch count of at least 1 or a fraction in (0, 1], got {text}")
+    return value
+
+
 def str_to_bool(text: str) -> bool:
     lowered = text.lower()
     if lowered in ("1", "true", "yes", "on"):

@@ -40,6 +40,7 @@ from cli import (
     non_negative_int,
     positive_float,
     positive_int,
+    positive_int_or_fraction,
     read_run_info,
     require_file,
     resolve_precision,
@@ -136,9 +137,12 @@ def build_parser() -> ArgumentParser:
                                  "10 views instead of 2; 0 turns it off, at most 4 (the padding of the training crops)")
 
     run = parser.add_argument_group("run control")
-    run.add_argument("--limit-train-batches", type=int_or_fraction, default=None, help="batches (int) or fraction per epoch")
-    run.add_argument("--limit-val-batches", type=int_or_fraction, default=None, help="batches (int) or fraction")
-    run.add_argument("--limit-test-batches", type=int_or_fraction, default=None, help="batches (int) or fraction")
+    run.add_argument("--limit-train-batches", type=positive_int_or_fraction, default=None,
+                     help="batches per epoch: a count of at least 1, or a fraction in (0, 1]")
+    run.add_argument("--limit-val-batches", type=int_or_fraction, default=None,
+                     help="validation batches: a count, or a fraction in [0, 1]; 0 skips validation")
+    run.add_argument("--limit-test-batches", type=positive_int_or_fraction, default=None,
+                     help="test batches: a count of at least 1, or a fraction in (0, 1]")
     run.add_argument("--fast-dev-run", action="store_true", help="one batch of each stage, no logs or checkpoints")
     run.add_argument("--logdir", default="lightning_logs", help="TensorBoard runs go to LOGDIR/version_N")
     run.add_argument("--ckpt-path", default=None,
@@ -483,6 +487,28 @@ def build_callbacks(args, checkpoint_dir: Path, has_validation: bool):
     return callbacks, best_checkpoint
 
 
+def check_batch_limits(args, datamodule, processes: int) -> None:
+    """Refuse a stage left without a batch, before the run folder is made.
+
+    Lightning refuses a ``--limit-*-batches`` fraction worth less than one batch
+    only when it reaches that stage, the test's after the whole training; and a
+    DDP process with fewer training images than a batch would train on none.
+    """
+    for stage in ("train", "val", "test"):
+        limit = getattr(args, f"limit_{stage}_batches")
+        if stage == "val" and (args.val_size == 0 or limit == 0):
+            continue
+        batches = datamodule.batches_per_epoch(stage, processes)
+        if batches == 0:
+            raise UserError(f"each of the {processes} processes gets fewer training images than --batch-size "
+                            f"{args.batch_size}, so none would train; lower --batch-size or use fewer processes")
+        if isinstance(limit, float) and int(batches * limit) == 0:  # Lightning's own rounding
+            name = {"train": "training", "val": "validation", "test": "test"}[stage]
+            each = f" of each of the {processes} processes" if processes > 1 else ""
+            raise UserError(f"--limit-{stage}-batches {limit} leaves none of the {batches} {name} batches{each}; "
+                            f"give a count like 1 or a fraction of at least 1/{batches}")
+
+
 def mark_killed(launch: dict) -> dict:
     """An earlier launch still ``running`` when its run is resumed ended without a record: killed outright (SIGKILL,
     power loss). Its end time stays unknown; bench/runs.py ends it at its last TensorBoard event."""
@@ -541,12 +567,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         channels_last=module.hparams.channels_last,
         cutout_size=args.cutout,
     )
-    datamodule.prepare_data()  # data problems surface here, before any run folder is made
+    datamodule.prepare_data()  # data problems surface here and in setup (a --val-size too large), before any run folder
+    datamodule.setup()
 
     is_worker = int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
-    if not args.fast_dev_run and not is_worker:
-        num_parameters = sum(p.numel() for p in module.parameters())
-        check_logdir(logdir, 3 * estimated_checkpoint_bytes(num_parameters))
     logger = TensorBoardLogger(save_dir=str(logdir), name="", version=run_version(ckpt_path, logdir, is_worker),
                                default_hp_metric=False)
     run_dir = Path(logger.log_dir)
@@ -576,6 +600,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (MisconfigurationException, ValueError, RuntimeError, TypeError) as error:  # e.g. --devices 0,1 on a CPU
         raise UserError(str(error).strip().splitlines()[0]) from None
+    if not args.fast_dev_run:  # which ignores the limits
+        check_batch_limits(args, datamodule, trainer.world_size)
+        if not is_worker:
+            num_parameters = sum(p.numel() for p in module.parameters())
+            check_logdir(logdir, 3 * estimated_checkpoint_bytes(num_parameters))
 
     keeps_records = trainer.is_global_zero and not args.fast_dev_run
     run_info_path = run_dir / "run_info.json"

@@ -36,6 +36,7 @@ exactly the batches, augmented exactly as, the uninterrupted run would have.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -427,13 +428,30 @@ class CIFAR10DataModule(pl.LightningDataModule):
         seed = int(np.random.SeedSequence(key).generate_state(1, dtype=np.uint64)[0])
         return torch.Generator().manual_seed(seed)
 
+    def _drops_last_batch(self, dataset: TensorDataset, shuffle: bool) -> bool:
+        # A last batch of a few images makes BatchNorm statistics noisy; drop it when training.
+        return shuffle and len(dataset) > self.batch_size
+
+    def batches_per_epoch(self, stage: str, processes: int = 1) -> int:
+        """Batches each of ``processes`` draws from the ``stage`` loader ("train", "val" or "test") in one pass.
+
+        Under DDP Lightning's distributed sampler hands each process ceil(n / processes)
+        of the n images; the training loader then drops its last, partial batch, so a
+        process with fewer images than a batch trains on none.
+        """
+        self.setup()
+        dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[stage]
+        images = math.ceil(len(dataset) / processes)
+        if self._drops_last_batch(dataset, shuffle=stage == "train"):
+            return images // self.batch_size
+        return math.ceil(images / self.batch_size)
+
     def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
         loader = (ResumableDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
             sampler=self.train_sampler if shuffle else None,
-            # A last batch of a few images makes BatchNorm statistics noisy; drop it when training.
-            drop_last=shuffle and len(dataset) > self.batch_size,
+            drop_last=self._drops_last_batch(dataset, shuffle),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )

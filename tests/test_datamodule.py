@@ -114,6 +114,21 @@ def test_datamodule_batches(image_folder, cache_dir):
     assert test_labels.bincount().tolist() == [3] * 10
 
 
+@pytest.mark.parametrize("batch_size, processes, expected", [
+    (16, 1, {"train": 3, "val": 2, "test": 2}),  # 60 training images: the partial last batch is dropped
+    (16, 2, {"train": 1, "val": 1, "test": 1}),  # 30, 10 and 15 images per process
+    (32, 2, {"train": 0, "val": 1, "test": 1}),  # 30 training images per process: no whole batch of 32
+    (64, 1, {"train": 1, "val": 1, "test": 1}),  # fewer images than a batch: one partial batch, kept
+])
+def test_batches_per_epoch_counts_what_each_process_loads(image_folder, cache_dir, batch_size, processes, expected):
+    datamodule = CIFAR10DataModule(image_folder, batch_size=batch_size, val_size=20, cache_dir=cache_dir)
+    assert {stage: datamodule.batches_per_epoch(stage, processes) for stage in expected} == expected
+    if processes == 1:
+        loaders = {"train": datamodule.train_dataloader(), "val": datamodule.val_dataloader(),
+                   "test": datamodule.test_dataloader()}
+        assert {stage: len(list(loader)) for stage, loader in loaders.items()} == expected
+
+
 def test_validation_and_training_images_do_not_overlap(image_folder, cache_dir):
     datamodule = CIFAR10DataModule(image_folder, batch_size=16, val_size=20, cache_dir=cache_dir)
     datamodule.setup("fit")

@@ -196,6 +196,9 @@ def test_a_reader_that_stops_early_ends_the_script_quietly():
         (["--cutout", "-1"], "--cutout: must be zero or a positive integer"),
         (["--cutout", "33"], "--cutout: must be at most 32"),
         (["--ema-decay", "1"], "--ema-decay: must be in [0, 1)"),
+        (["--limit-train-batches", "0"], "--limit-train-batches: must be a batch count of at least 1 or a fraction in (0, 1]"),
+        (["--limit-test-batches", "0.0"], "--limit-test-batches: must be a batch count of at least 1 or a fraction in (0, 1]"),
+        (["--limit-val-batches", "1.5"], "--limit-val-batches: a fraction must be at most 1"),
     ],
 )
 def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
@@ -221,6 +224,16 @@ def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
         (["--ckpt-path", "missing.ckpt"], "missing.ckpt: no such file"),
         (["--init-from", "missing.pt"], "missing.pt: no such file"),
         (["--cutout", "33"], "--cutout: must be at most 32, the side of a CIFAR-10 image, got 33"),
+        # The folder holds 80 training and 30 test images: with 20 held out, 3 training batches of 16 and 2 test ones.
+        (["--val-size", "80"], "val_size must be between 0 and 79 (the training images), got 80"),
+        (["--val-size", "20", "--batch-size", "16", "--limit-train-batches", "0.3"],
+         "--limit-train-batches 0.3 leaves none of the 3 training batches; give a count like 1 or a fraction of at least 1/3"),
+        (["--val-size", "20", "--batch-size", "16", "--limit-test-batches", "0.4"],
+         "--limit-test-batches 0.4 leaves none of the 2 test batches"),
+        (["--val-size", "20", "--batch-size", "8", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
+          "--limit-val-batches", "0.3"], "--limit-val-batches 0.3 leaves none of the 2 validation batches of each of the 2 processes"),
+        (["--val-size", "20", "--batch-size", "40", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"],
+         "each of the 2 processes gets fewer training images than --batch-size 40, so none would train"),
     ],
 )
 def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path, image_folder):
