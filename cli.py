@@ -22,11 +22,23 @@ class UserError(Exception):
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Ends each flag's help with its default, unless the help already says it in words (``(default: ...)``)."""
+    """Ends each flag's help with its default, unless the help already says it in words (``(default: ...)``).
+
+    A default of ``None`` reads "none", a switch's ``False`` "off" and a list its items, as they would be
+    typed, instead of Python's words; a required flag states none.
+    """
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
-        if "(default:" in (action.help or ""):
+        if not action.option_strings:  # a positional argument
+            return super()._get_help_string(action)
+        if "(default:" in (action.help or "") or action.required:
             return action.help
+        if action.default is None:
+            return f"{action.help} (default: none)"
+        if action.default is False and action.nargs == 0:
+            return f"{action.help} (default: off)"
+        if isinstance(action.default, list):
+            return f"{action.help} (default: {' '.join(map(str, action.default))})"
         return super()._get_help_string(action)
 
 

@@ -30,8 +30,8 @@ def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="evaluate.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a .ckpt written by train.py")
     parser.add_argument("--data-dir", default=None,
-                        help="image folder or official CIFAR-10 folder (as in train.py; default: the run's own, else ./data)")
-    parser.add_argument("--cache-dir", default=None, help="decoded-image cache (as in train.py; default: the run's own)")
+                        help="image folder or official CIFAR-10 folder, as in train.py (default: the run's own, else ./data)")
+    parser.add_argument("--cache-dir", default=None, help="decoded-image cache, as in train.py (default: the run's own)")
     parser.add_argument("--batch-size", type=positive_int, default=256, help="images per batch")
     parser.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, cuda:1, ...")
     parser.add_argument("--test-time-flip", type=str_to_bool, default=None, metavar="BOOL",

@@ -138,11 +138,11 @@ def build_parser() -> ArgumentParser:
 
     run = parser.add_argument_group("run control")
     run.add_argument("--limit-train-batches", type=positive_int_or_fraction, default=None,
-                     help="batches per epoch: a count of at least 1, or a fraction in (0, 1]")
+                     help="batches per epoch: a count of at least 1, or a fraction in (0, 1] (default: all)")
     run.add_argument("--limit-val-batches", type=int_or_fraction, default=None,
-                     help="validation batches: a count, or a fraction in [0, 1]; 0 skips validation")
+                     help="validation batches: a count, or a fraction in [0, 1]; 0 skips validation (default: all)")
     run.add_argument("--limit-test-batches", type=positive_int_or_fraction, default=None,
-                     help="test batches: a count of at least 1, or a fraction in (0, 1]")
+                     help="test batches: a count of at least 1, or a fraction in (0, 1] (default: all)")
     run.add_argument("--fast-dev-run", action="store_true", help="one batch of each stage, no logs or checkpoints")
     run.add_argument("--logdir", default="lightning_logs", help="TensorBoard runs go to LOGDIR/version_N")
     run.add_argument("--ckpt-path", default=None,

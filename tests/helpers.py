@@ -86,5 +86,8 @@ def assert_one_line_error(result: subprocess.CompletedProcess, *fragments: str) 
 
 
 def assert_each_default_stated_once(help_text: str) -> None:
-    """No flag's help gives its default in words and then again as argparse's ``(default: ...)``."""
-    assert not re.search(r"\(default: [^)]*\) \(default:", " ".join(help_text.split())), "a default stated twice"
+    """No flag's help gives its default in words and then again as argparse's ``(default: ...)``, and no
+    default reads as Python (``None``, ``False``, a list's brackets) rather than as a user would type it."""
+    text = " ".join(help_text.split())
+    assert not re.search(r"default: [^)]*\) \(default:", text), "a default stated twice"
+    assert not re.search(r"\(default: (None|False|\[)", text), "a default in Python's words"

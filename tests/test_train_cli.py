@@ -164,6 +164,7 @@ def test_help_and_refusals_do_not_wait_for_lightning(script):
         assert not imported_lightning, args
         if error is None:
             assert out.startswith("usage:") and err == "", args
+            assert_each_default_stated_once(out)
         else:
             assert err.count("\n") == 1 and error in err, (args, err)
 
