@@ -13,6 +13,7 @@ the best checkpoint is tested and the script ends with ``Test accuracy: NN.NN %`
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import logging
 import os
@@ -443,14 +444,26 @@ def build_module(args, resumed: dict | None, precision: str):
     return module
 
 
-def run_version(ckpt_path: Path | None, logdir: Path, is_worker: bool) -> int | None:
-    """The version_N to log to: the resumed run's, the parent process's (DDP workers), or the next free one."""
+def claim_next_version(logdir: Path) -> int:
+    """The next free version_N, its folder made at once: runs started together in one logdir get a folder each."""
+    while True:
+        version = next_version(logdir)
+        try:
+            (logdir / f"version_{version}").mkdir(parents=True)
+        except FileExistsError:  # another run took it first
+            continue
+        return version
+
+
+def run_version(ckpt_path: Path | None, logdir: Path, is_worker: bool, claim: bool) -> int | None:
+    """The version_N to log to: the resumed run's, the parent process's (DDP workers), or the next free one,
+    whose folder is made at once when ``claim``."""
     if ckpt_path is not None:
         version = run_version_of(ckpt_path, logdir)
     elif is_worker and RUN_VERSION_VARIABLE in os.environ:
         version = int(os.environ[RUN_VERSION_VARIABLE])
     else:
-        version = next_version(logdir)
+        version = claim_next_version(logdir) if claim else next_version(logdir)
     if version is not None and not is_worker:
         os.environ[RUN_VERSION_VARIABLE] = str(version)  # inherited by the DDP processes Lightning starts
     return version
@@ -509,6 +522,36 @@ def check_batch_limits(args, datamodule, processes: int) -> None:
                             f"give a count like 1 or a fraction of at least 1/{batches}")
 
 
+def build_trainer(args, devices, precision: str, logger, callbacks: list):
+    """The Trainer the flags ask for; Lightning's refusals (say ``--devices 0,1`` on a CPU) as one-line errors."""
+    import pytorch_lightning as pl
+    from lightning_fabric.utilities.exceptions import MisconfigurationException
+
+    from lit_modules.checkpointing import AtomicCheckpointIO
+
+    try:
+        return pl.Trainer(
+            max_epochs=args.epochs,
+            accelerator=args.accelerator,
+            devices=devices,
+            num_nodes=args.num_nodes,
+            strategy=args.strategy,
+            precision=precision,
+            logger=logger or False,
+            callbacks=callbacks,
+            plugins=[AtomicCheckpointIO()],
+            enable_progress_bar=args.progress_refresh > 0,
+            log_every_n_steps=args.log_every_n_steps,
+            limit_train_batches=args.limit_train_batches,
+            limit_val_batches=args.limit_val_batches if args.val_size > 0 else 0,
+            limit_test_batches=args.limit_test_batches,
+            fast_dev_run=args.fast_dev_run,
+            deterministic=args.deterministic,
+        )
+    except (MisconfigurationException, ValueError, RuntimeError, TypeError) as error:
+        raise UserError(str(error).strip().splitlines()[0]) from None
+
+
 def mark_killed(launch: dict) -> dict:
     """An earlier launch still ``running`` when its run is resumed ended without a record: killed outright (SIGKILL,
     power loss). Its end time stays unknown; bench/runs.py ends it at its last TensorBoard event."""
@@ -539,14 +582,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_devices(args.accelerator, devices)
 
     import pytorch_lightning as pl
-    from lightning_fabric.utilities.exceptions import MisconfigurationException
     from pytorch_lightning.loggers import TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from datamodules import CIFAR10DataModule
     from datamodules.cifar10 import default_cache_dir
     from lit_modules.callbacks import EMA_SUPPORTED, StopOnDivergence
-    from lit_modules.checkpointing import AtomicCheckpointIO
 
     if args.ema_decay and not EMA_SUPPORTED:
         raise UserError(f"--ema-decay needs pytorch-lightning 2.6 or newer; this is {pl.__version__}")
@@ -571,40 +612,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     datamodule.setup()
 
     is_worker = int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
-    logger = TensorBoardLogger(save_dir=str(logdir), name="", version=run_version(ckpt_path, logdir, is_worker),
-                               default_hp_metric=False)
-    run_dir = Path(logger.log_dir)
-    checkpoint_dir = run_dir / "checkpoints"
-    has_validation = args.val_size > 0 and args.limit_val_batches != 0
-    callbacks, best_checkpoint = build_callbacks(args, checkpoint_dir, has_validation)
-    divergence = next(callback for callback in callbacks if isinstance(callback, StopOnDivergence))
-    quiet_library_notices()
+    if not args.fast_dev_run and not is_worker:
+        num_parameters = sum(p.numel() for p in module.parameters())
+        check_logdir(logdir, 3 * estimated_checkpoint_bytes(num_parameters))
+    claims_folder = ckpt_path is None and not is_worker and not args.fast_dev_run
+    version = run_version(ckpt_path, logdir, is_worker, claim=claims_folder)
     try:
-        trainer = pl.Trainer(
-            max_epochs=args.epochs,
-            accelerator=args.accelerator,
-            devices=devices,
-            num_nodes=args.num_nodes,
-            strategy=args.strategy,
-            precision=precision,
-            logger=False if args.fast_dev_run else logger,
-            callbacks=callbacks,
-            plugins=[AtomicCheckpointIO()],
-            enable_progress_bar=args.progress_refresh > 0,
-            log_every_n_steps=args.log_every_n_steps,
-            limit_train_batches=args.limit_train_batches,
-            limit_val_batches=args.limit_val_batches if args.val_size > 0 else 0,
-            limit_test_batches=args.limit_test_batches,
-            fast_dev_run=args.fast_dev_run,
-            deterministic=args.deterministic,
-        )
-    except (MisconfigurationException, ValueError, RuntimeError, TypeError) as error:  # e.g. --devices 0,1 on a CPU
-        raise UserError(str(error).strip().splitlines()[0]) from None
-    if not args.fast_dev_run:  # which ignores the limits
-        check_batch_limits(args, datamodule, trainer.world_size)
-        if not is_worker:
-            num_parameters = sum(p.numel() for p in module.parameters())
-            check_logdir(logdir, 3 * estimated_checkpoint_bytes(num_parameters))
+        logger = TensorBoardLogger(save_dir=str(logdir), name="", version=version, default_hp_metric=False)
+        run_dir = Path(logger.log_dir)
+        checkpoint_dir = run_dir / "checkpoints"
+        has_validation = args.val_size > 0 and args.limit_val_batches != 0
+        callbacks, best_checkpoint = build_callbacks(args, checkpoint_dir, has_validation)
+        divergence = next(callback for callback in callbacks if isinstance(callback, StopOnDivergence))
+        quiet_library_notices()
+        trainer = build_trainer(args, devices, precision, None if args.fast_dev_run else logger, callbacks)
+        if not args.fast_dev_run:  # which ignores the limits
+            check_batch_limits(args, datamodule, trainer.world_size)
+    except BaseException:
+        if claims_folder:  # refused before the run wrote anything: leave no empty run folder
+            with contextlib.suppress(OSError):
+                (logdir / f"version_{version}").rmdir()
+        raise
 
     keeps_records = trainer.is_global_zero and not args.fast_dev_run
     run_info_path = run_dir / "run_info.json"

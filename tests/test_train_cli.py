@@ -241,7 +241,19 @@ def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path, image_f
     result = run_in_process("train.py", "--logdir", tmp_path / "logs", "--data-dir", image_folder,
                             "--cache-dir", tmp_path / "cache", *args)
     assert_one_line_error(result, fragment)
-    assert not (tmp_path / "logs").exists()
+    assert not list((tmp_path / "logs").glob("version_*"))  # no run folder, not even an empty one
+
+
+def test_runs_started_together_in_one_logdir_get_a_folder_each(tmp_path, monkeypatch):
+    """Two train.py processes started at once both choose their version_N before either has written to it."""
+    import train
+
+    monkeypatch.setenv(train.RUN_VERSION_VARIABLE, "")  # recorded, so that the test's end undoes what run_version sets
+    logdir = tmp_path / "logs"
+    first = train.run_version(None, logdir, is_worker=False, claim=True)
+    second = train.run_version(None, logdir, is_worker=False, claim=True)
+    assert (first, second) == (0, 1)
+    assert sorted(path.name for path in logdir.iterdir()) == ["version_0", "version_1"]
 
 
 def make_nine_classes(root):
