@@ -512,9 +512,13 @@ def check_batch_limits(args, datamodule, processes: int) -> None:
         if stage == "val" and (args.val_size == 0 or limit == 0):
             continue
         batches = datamodule.batches_per_epoch(stage, processes)
-        if batches == 0:
+        if batches == 0 and stage == "train":
             raise UserError(f"each of the {processes} processes gets fewer training images than --batch-size "
                             f"{args.batch_size}, so none would train; lower --batch-size or use fewer processes")
+        if batches == 0:
+            held_out = f"--val-size {args.val_size}" if stage == "val" else "the test set"
+            raise UserError(f"{held_out} holds fewer images than the {processes} processes, so one would have none; "
+                            "use fewer processes")
         if isinstance(limit, float) and int(batches * limit) == 0:  # Lightning's own rounding
             name = {"train": "training", "val": "validation", "test": "test"}[stage]
             each = f" of each of the {processes} processes" if processes > 1 else ""

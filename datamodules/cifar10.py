@@ -433,24 +433,46 @@ class CIFAR10DataModule(pl.LightningDataModule):
         return shuffle and len(dataset) > self.batch_size
 
     def batches_per_epoch(self, stage: str, processes: int = 1) -> int:
-        """Batches each of ``processes`` draws from the ``stage`` loader ("train", "val" or "test") in one pass.
+        """The fewest batches any of ``processes`` draws from the ``stage`` loader ("train", "val" or "test") in a pass.
 
         Under DDP Lightning's distributed sampler hands each process ceil(n / processes)
-        of the n images; the training loader then drops its last, partial batch, so a
-        process with fewer images than a batch trains on none.
+        of the n training images (repeating a few to even the shares); the training
+        loader then drops its last, partial batch, so a process with fewer images
+        than a batch trains on none. Validation and test shares are not evened out
+        (:meth:`_evaluation_sampler`): the smallest holds floor(n / processes) images.
         """
         self.setup()
         dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[stage]
-        images = math.ceil(len(dataset) / processes)
-        if self._drops_last_batch(dataset, shuffle=stage == "train"):
-            return images // self.batch_size
+        if stage == "train":
+            images = math.ceil(len(dataset) / processes)
+            if self._drops_last_batch(dataset, shuffle=True):
+                return images // self.batch_size
+        else:
+            images = len(dataset) // processes
         return math.ceil(images / self.batch_size)
+
+    def _evaluation_sampler(self, dataset: TensorDataset) -> Sampler | None:
+        """Under DDP, each process's share of the validation or test images, every image in exactly one share.
+
+        Lightning's own distributed sampler evens the shares by repeating up to one
+        image per process, which the epoch's synchronised accuracy would then count
+        twice wherever the process count does not divide the images (5,000 and
+        10,000 on 3, 6 or 7 GPUs). Uneven shares are safe here: nothing is
+        synchronised per evaluation step, only the metrics at the epoch's end.
+        """
+        trainer = self.trainer
+        if trainer is None or trainer.world_size == 1:
+            return None
+        from pytorch_lightning.overrides.distributed import UnrepeatedDistributedSampler
+
+        return UnrepeatedDistributedSampler(dataset, num_replicas=trainer.world_size, rank=trainer.global_rank,
+                                            shuffle=False)
 
     def _loader(self, dataset: TensorDataset, shuffle: bool) -> DataLoader:
         loader = (ResumableDataLoader if shuffle else DataLoader)(
             dataset,
             batch_size=self.batch_size,
-            sampler=self.train_sampler if shuffle else None,
+            sampler=self.train_sampler if shuffle else self._evaluation_sampler(dataset),
             drop_last=self._drops_last_batch(dataset, shuffle),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,

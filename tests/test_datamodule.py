@@ -119,6 +119,7 @@ def test_datamodule_batches(image_folder, cache_dir):
     (16, 2, {"train": 1, "val": 1, "test": 1}),  # 30, 10 and 15 images per process
     (32, 2, {"train": 0, "val": 1, "test": 1}),  # 30 training images per process: no whole batch of 32
     (64, 1, {"train": 1, "val": 1, "test": 1}),  # fewer images than a batch: one partial batch, kept
+    (6, 3, {"train": 3, "val": 1, "test": 2}),  # validation shares of 7, 7 and 6 images: 2, 2 and 1 batches
 ])
 def test_batches_per_epoch_counts_what_each_process_loads(image_folder, cache_dir, batch_size, processes, expected):
     datamodule = CIFAR10DataModule(image_folder, batch_size=batch_size, val_size=20, cache_dir=cache_dir)
@@ -127,6 +128,22 @@ def test_batches_per_epoch_counts_what_each_process_loads(image_folder, cache_di
         loaders = {"train": datamodule.train_dataloader(), "val": datamodule.val_dataloader(),
                    "test": datamodule.test_dataloader()}
         assert {stage: len(list(loader)) for stage, loader in loaders.items()} == expected
+
+
+def test_validation_and_test_shares_under_ddp_hold_every_image_once(image_folder, cache_dir):
+    from types import SimpleNamespace
+
+    shares = {"val": [], "test": []}
+    for rank in range(4):
+        datamodule = CIFAR10DataModule(image_folder, batch_size=4, val_size=22, cache_dir=cache_dir)
+        datamodule.trainer = SimpleNamespace(world_size=4, global_rank=rank)  # what the loaders ask of a DDP Trainer
+        datamodule.setup()
+        for stage, images in shares.items():
+            images.append(torch.cat([batch[0] for batch in getattr(datamodule, f"{stage}_dataloader")()]))
+    for stage, dataset in (("val", datamodule.val_set), ("test", datamodule.test_set)):
+        assert [len(share) for share in shares[stage]] == ([6, 6, 5, 5] if stage == "val" else [8, 8, 7, 7])
+        scored = sorted(bytes(image.numpy()) for share in shares[stage] for image in share)
+        assert scored == sorted(bytes(image.numpy()) for image in dataset.tensors[0])
 
 
 def test_validation_and_training_images_do_not_overlap(image_folder, cache_dir):

@@ -509,15 +509,17 @@ def test_deterministic_runs_are_bit_identical(deterministic_run, image_folder, t
 
 DDP_RUNNER = textwrap.dedent(
     """
-    # Records a hash of every training image each DDP process receives, then runs train.py's main.
+    # Records a hash of every training and test image each DDP process receives, then runs train.py's main.
     import hashlib, os, sys
     sys.path.insert(0, {root!r})
     import datamodules.cifar10 as cifar10
     original = cifar10.CIFAR10DataModule.on_after_batch_transfer
 
     def recording(self, batch, dataloader_idx):
-        if self.trainer is not None and self.trainer.training and isinstance(batch, (tuple, list)):
-            with open(os.path.join({out!r}, f"rank{{self.trainer.global_rank}}.txt"), "a") as seen:
+        trainer = self.trainer
+        if trainer is not None and (trainer.training or trainer.testing) and isinstance(batch, (tuple, list)):
+            stage = "train" if trainer.training else "test"
+            with open(os.path.join({out!r}, f"{{stage}}_rank{{trainer.global_rank}}.txt"), "a") as seen:
                 for image in batch[0]:
                     seen.write(hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest() + "\\n")
         return original(self, batch, dataloader_idx)
@@ -531,16 +533,22 @@ DDP_RUNNER = textwrap.dedent(
 
 
 def test_ddp_on_two_cpu_processes_shards_data_and_syncs_metrics(image_folder, tmp_path):
+    import shutil
+
     from datamodules import load_cifar10
     from datamodules.cifar10 import split_train_val
 
+    # 29 test images: two processes cannot split them evenly, and none may be scored twice.
+    data = tmp_path / "data"
+    shutil.copytree(image_folder, data)
+    next((data / "test" / "cat").iterdir()).unlink()
     runner = tmp_path / "ddp_train.py"
     runner.write_text(DDP_RUNNER.format(root=str(ROOT), out=str(tmp_path)))
     logdir = tmp_path / "logs"
     result = subprocess.run(
         [sys.executable, str(runner), "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
          "--model", "resnet50_seed", "--epochs", "1", "--batch-size", "10", "--val-size", "20", "--precision", "32-true",
-         "--data-dir", str(image_folder), "--cache-dir", str(tmp_path / "cache"), "--logdir", str(logdir),
+         "--data-dir", str(data), "--cache-dir", str(tmp_path / "cache"), "--logdir", str(logdir),
          "--progress-refresh", "0"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -549,20 +557,24 @@ def test_ddp_on_two_cpu_processes_shards_data_and_syncs_metrics(image_folder, tm
     assert "sync_dist=True" not in result.stderr
     # DDP's gradient buckets take each gradient as laid out (the channels-last 1x1 kernels included), no copy
     assert "strides do not match bucket view strides" not in result.stderr
-    seen = [(tmp_path / f"rank{rank}.txt").read_text().split() for rank in (0, 1)]
+    def hashes(images):
+        return [hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest() for image in images]
+
+    arrays = load_cifar10(data, cache_dir=None)
+    train_index, _ = split_train_val(len(arrays["train_labels"]), 20, seed=0)
+    seen = [(tmp_path / f"train_rank{rank}.txt").read_text().split() for rank in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 30
     assert set(seen[0]).isdisjoint(seen[1])
-
-    arrays = load_cifar10(image_folder, cache_dir=None)
-    train_index, _ = split_train_val(len(arrays["train_labels"]), 20, seed=0)
-    expected = {hashlib.sha1(image.contiguous().numpy().tobytes()).hexdigest() for image in arrays["train_images"][train_index]}
-    assert set(seen[0]) | set(seen[1]) == expected  # recorded before augmentation: every image exactly once
+    # Recorded before augmentation: every training image exactly once.
+    assert set(seen[0]) | set(seen[1]) == set(hashes(arrays["train_images"][train_index]))
+    tested = [(tmp_path / f"test_rank{rank}.txt").read_text().split() for rank in (0, 1)]
+    assert sorted(map(len, tested)) == [14, 15] and sorted(tested[0] + tested[1]) == sorted(hashes(arrays["test_images"]))
 
     run_dir = logdir / "version_0"
     assert sorted(p.name for p in logdir.iterdir()) == ["version_0"]
     logged = scalar_tags(run_dir)["test/acc"][0]
     (best,) = (run_dir / "checkpoints").glob("best-*.ckpt")
-    evaluation = run_in_process("evaluate.py", best, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
+    evaluation = run_in_process("evaluate.py", best, "--data-dir", data, "--cache-dir", tmp_path / "cache",
                                 "--json", tmp_path / "eval.json")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert json.loads((tmp_path / "eval.json").read_text())["accuracy"] == pytest.approx(logged, abs=1e-6)
