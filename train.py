@@ -504,8 +504,9 @@ def check_batch_limits(args, datamodule, processes: int) -> None:
     """Refuse a stage left without a batch, before the run folder is made.
 
     Lightning refuses a ``--limit-*-batches`` fraction worth less than one batch
-    only when it reaches that stage, the test's after the whole training; and a
-    DDP process with fewer training images than a batch would train on none.
+    only when it reaches that stage, the test's after the whole training; a DDP
+    process with fewer training images than a batch would train on none, and one
+    without a validation or test image would leave the others waiting for it.
     """
     for stage in ("train", "val", "test"):
         limit = getattr(args, f"limit_{stage}_batches")
