@@ -22,8 +22,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cli import (DEFAULT_DATA_DIR, PRECISIONS, ArgumentParser, UserError, autocast_for, launch_history, positive_int,
-                 read_run_info, require_file, resolve_precision, run_main, str_to_bool, view_shift, write_json_atomic)
+from cli import (DEFAULT_DATA_DIR, PRECISIONS, ArgumentParser, UserError, autocast_for, check_output_file, launch_history,
+                 positive_int, read_run_info, require_file, resolve_precision, run_main, str_to_bool, view_shift,
+                 write_json_atomic)
 
 
 def build_parser() -> ArgumentParser:
@@ -123,9 +124,19 @@ def format_report(accuracy: float, class_names: list[str], per_class: list[float
     return "\n".join(lines)
 
 
+def write_report(path: Path, report: dict) -> None:
+    """``--json``: a write that fails after the scoring (a full disk, say) is one line; the printed report stands."""
+    try:
+        write_json_atomic(path, report)
+    except OSError as error:
+        raise UserError(f"--json {path}: could not write it ({error.strerror or error}); the report above is complete") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     require_file(args.checkpoint)
+    if args.json:
+        check_output_file(Path(args.json), "--json")
     from datamodules import CIFAR10DataModule
     from datamodules.cifar10 import default_cache_dir
     from lit_modules.checkpointing import classifier_from_checkpoint, read_lightning_checkpoint
@@ -151,7 +162,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(format_report(accuracy, class_names, per_class, matrix))
     print(f"\n{len(true)} test images, scored in {precision} on {device.type}")
     if args.json:
-        write_json_atomic(Path(args.json), {
+        write_report(Path(args.json), {
             "checkpoint": str(args.checkpoint),
             "model": module.hparams.model_name,
             "images": len(true),

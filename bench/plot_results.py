@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Sequence
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-from cli import ArgumentParser, UserError, run_main
+from cli import ArgumentParser, UserError, check_output_file, run_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -25,6 +25,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--title", default="CIFAR-10 (JPEG copy): validation accuracy against wall time",
                         help="the figure's title")
     args = parser.parse_args(argv)
+    check_output_file(args.out, "--out")
     import matplotlib
 
     matplotlib.use("Agg")
@@ -71,8 +72,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8, loc="lower right")
     figure.tight_layout()
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(args.out, dpi=110)
+    try:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        figure.savefig(args.out, dpi=110)
+    except OSError as error:
+        raise UserError(f"--out {args.out}: could not write it ({error.strerror or error})") from None
     print(f"wrote {args.out}")
     return 0
 

@@ -131,6 +131,32 @@ def test_evaluate_prints_and_writes_the_report(trained_run, best_checkpoint, ima
     assert data["test_time_flip"] is False and data["test_time_shift"] == 1 and np.array(data["confusion_matrix"]).sum() == 30
 
 
+def test_report_files_that_cannot_be_written_are_refused_before_the_work(best_checkpoint, trained_run, tmp_path):
+    run_dir, _ = trained_run
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("kept")
+    for script, target, flag, fragment in [
+        ("evaluate.py", tmp_path, "--json", f"--json {tmp_path} is a folder; give a file name"),
+        ("evaluate.py", a_file / "report.json", "--json", f"--json {a_file / 'report.json'}: {a_file} is a file, not a folder"),
+        ("bench/plot_results.py", tmp_path, "--out", f"--out {tmp_path} is a folder; give a file name"),
+    ]:
+        inputs = [best_checkpoint] if script == "evaluate.py" else [run_dir]
+        refused = run_in_process(script, *inputs, flag, target)
+        assert_one_line_error(refused, fragment)
+        assert refused.stdout == ""  # refused before scoring or drawing anything
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["notes.txt"] and a_file.read_text() == "kept"
+
+
+def test_a_failed_json_write_leaves_no_partial_file(tmp_path):
+    from cli import write_json_atomic
+
+    target = tmp_path / "report.json"
+    target.mkdir()  # os.replace cannot put a file where a folder is
+    with pytest.raises(OSError):
+        write_json_atomic(target, {"accuracy": 0.5})
+    assert [path.name for path in tmp_path.iterdir()] == ["report.json"] and target.is_dir()
+
+
 def test_evaluate_refuses_a_recorded_data_folder_that_is_gone(best_checkpoint, image_folder, tmp_path):
     checkpoint = torch.load(best_checkpoint, map_location="cpu", weights_only=True)
     assert checkpoint["CIFAR10DataModule"]["data_dir"] == str(image_folder.resolve())
