@@ -444,6 +444,20 @@ def build_module(args, resumed: dict | None, precision: str):
     return module
 
 
+# Where launchers put a process's rank, in the order Lightning reads them: SLURM_PROCID is also set in a SLURM job
+# whose processes Lightning starts itself, so the LOCAL_RANK it gives them comes first.
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "SLURM_PROCID", "JSM_NAMESPACE_RANK")
+
+
+def launched_as_later_rank() -> bool:
+    """Whether a launcher (Lightning's DDP, torchrun, SLURM's srun) started this process as other than the first.
+
+    Only the first process checks the log folder, claims the run's ``version_N`` and keeps its records.
+    """
+    rank = next((int(os.environ[key]) for key in RANK_VARIABLES if key in os.environ), 0)
+    return rank > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+
+
 def claim_next_version(logdir: Path) -> int:
     """The next free version_N, its folder made at once: runs started together in one logdir get a folder each."""
     while True:
@@ -616,7 +630,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     datamodule.prepare_data()  # data problems surface here and in setup (a --val-size too large), before any run folder
     datamodule.setup()
 
-    is_worker = int(os.environ.get("LOCAL_RANK", "0")) > 0 or int(os.environ.get("NODE_RANK", "0")) > 0
+    is_worker = launched_as_later_rank()
     if not args.fast_dev_run and not is_worker:
         num_parameters = sum(p.numel() for p in module.parameters())
         check_logdir(logdir, 3 * estimated_checkpoint_bytes(num_parameters))

@@ -256,6 +256,25 @@ def test_runs_started_together_in_one_logdir_get_a_folder_each(tmp_path, monkeyp
     assert sorted(path.name for path in logdir.iterdir()) == ["version_0", "version_1"]
 
 
+@pytest.mark.parametrize("environment, later", [
+    ({}, False),
+    ({"SLURM_PROCID": "0"}, False),
+    ({"SLURM_PROCID": "3"}, True),  # srun starts every task of the job itself
+    ({"SLURM_PROCID": "0", "LOCAL_RANK": "1"}, True),  # a SLURM job whose processes Lightning starts
+    ({"RANK": "0", "LOCAL_RANK": "0", "NODE_RANK": "0"}, False),  # torchrun's first process
+    ({"RANK": "5", "LOCAL_RANK": "1"}, True),
+    ({"NODE_RANK": "1"}, True),
+])
+def test_only_the_first_process_of_a_launch_claims_the_run_folder(environment, later, monkeypatch):
+    import train
+
+    for name in (*train.RANK_VARIABLES, "NODE_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    assert train.launched_as_later_rank() is later
+
+
 def make_nine_classes(root):
     import shutil
 
