@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from cli import ArgumentParser, UserError, error_summary, positive_float, require_file, run_main
+from cli import ArgumentParser, UserError, check_output_file, error_summary, positive_float, require_file, run_main
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_OPSET = 17
@@ -96,9 +96,8 @@ def run_export(path: Path, export_format: str, images):
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
-    if out.is_dir():
-        raise UserError(f"--out {out} is a folder; give a file name")
-    if not out.parent.exists():
+    check_output_file(out, "--out")
+    if not out.parent.exists():  # the exporters write into an existing folder only
         raise UserError(f"--out {out}: the folder {out.parent} does not exist")
     require_file(args.checkpoint)
 

@@ -139,8 +139,10 @@ def test_report_files_that_cannot_be_written_are_refused_before_the_work(best_ch
         ("evaluate.py", tmp_path, "--json", f"--json {tmp_path} is a folder; give a file name"),
         ("evaluate.py", a_file / "report.json", "--json", f"--json {a_file / 'report.json'}: {a_file} is a file, not a folder"),
         ("bench/plot_results.py", tmp_path, "--out", f"--out {tmp_path} is a folder; give a file name"),
+        ("export.py", tmp_path, "--out", f"--out {tmp_path} is a folder; give a file name"),
+        ("export.py", a_file / "model.onnx", "--out", f"--out {a_file / 'model.onnx'}: {a_file} is a file, not a folder"),
     ]:
-        inputs = [best_checkpoint] if script == "evaluate.py" else [run_dir]
+        inputs = {"evaluate.py": [best_checkpoint], "export.py": [best_checkpoint, "--format", "onnx"]}.get(script, [run_dir])
         refused = run_in_process(script, *inputs, flag, target)
         assert_one_line_error(refused, fragment)
         assert refused.stdout == ""  # refused before scoring or drawing anything
