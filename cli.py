@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import traceback
@@ -79,7 +80,7 @@ def view_shift(text: str) -> int:
 
 def positive_float(text: str) -> float:
     value = float(text)
-    if not value > 0:  # also refuses nan
+    if not (value > 0 and math.isfinite(value)):  # also refuses nan and inf
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
@@ -93,7 +94,7 @@ def fraction(text: str) -> float:
 
 def non_negative_float(text: str) -> float:
     value = float(text)
-    if not value >= 0:
+    if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be zero or positive, got {text}")
     return value
 
@@ -101,7 +102,7 @@ def non_negative_float(text: str) -> float:
 def int_or_fraction(text: str) -> int | float:
     """Lightning's limit_*_batches: a whole number of batches or a fraction in [0, 1]."""
     value = float(text)
-    if value < 0:
+    if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a batch count or a fraction in [0, 1], got {text}")
     if value.is_integer() and ("." not in text or value > 1):
         return int(value)

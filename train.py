@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import inspect
 import logging
+import math
 import os
 import platform
 import re
@@ -273,6 +274,33 @@ def quiet_library_notices() -> None:
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(is_not_a_library_tip)
 
 
+@contextlib.contextmanager
+def notices_held_until_accepted():
+    """Hold what Lightning says while the Trainer is built (precision, devices found) until the block ends.
+
+    Checks that need the built Trainer (its process count) then refuse in one line;
+    a block that raises drops the held notices, one that ends prints them.
+    """
+    library_logger = logging.getLogger("pytorch_lightning.utilities.rank_zero")
+    held: list[logging.LogRecord] = []
+
+    def hold(record: logging.LogRecord) -> bool:
+        held.append(record)
+        return False
+
+    library_logger.addFilter(hold)
+    try:
+        with warnings.catch_warnings(record=True) as held_warnings:
+            warnings.simplefilter("default")  # shown once each, as outside the block
+            yield
+    finally:
+        library_logger.removeFilter(hold)
+    for record in held:
+        library_logger.handle(record)
+    for warning in held_warnings:
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+
+
 def model_options(args) -> dict:
     if args.model.startswith("resnet"):
         return {"stem": args.stem, "zero_init_residual": args.zero_init_residual}
@@ -515,21 +543,25 @@ def build_callbacks(args, checkpoint_dir: Path, has_validation: bool):
 
 
 def check_batch_limits(args, datamodule, processes: int) -> None:
-    """Refuse a stage left without a batch, before the run folder is made.
+    """Before the run folder is made, refuse a batch larger than a process trains on, or a stage without a batch.
 
     Lightning refuses a ``--limit-*-batches`` fraction worth less than one batch
-    only when it reaches that stage, the test's after the whole training; a DDP
-    process with fewer training images than a batch would train on none, and one
-    without a validation or test image would leave the others waiting for it.
+    only when it reaches that stage, the test's after the whole training; a
+    --batch-size above a process's training images would quietly shrink to them
+    (or, under DDP, train on none), and a process without a validation or test
+    image would leave the others waiting for it.
     """
+    images = math.ceil(len(datamodule.train_set) / processes)  # each process's share (DistributedSampler's)
+    if args.batch_size > images and processes == 1:
+        raise UserError(f"--batch-size {args.batch_size} is more than the {images} training images; use at most {images}")
+    if args.batch_size > images:
+        raise UserError(f"each of the {processes} processes gets {images} training images, fewer than --batch-size "
+                        f"{args.batch_size}; use at most {images} or fewer processes")
     for stage in ("train", "val", "test"):
         limit = getattr(args, f"limit_{stage}_batches")
         if stage == "val" and (args.val_size == 0 or limit == 0):
             continue
         batches = datamodule.batches_per_epoch(stage, processes)
-        if batches == 0 and stage == "train":
-            raise UserError(f"each of the {processes} processes gets fewer training images than --batch-size "
-                            f"{args.batch_size}, so none would train; lower --batch-size or use fewer processes")
         if batches == 0:
             held_out = f"--val-size {args.val_size}" if stage == "val" else "the test set"
             raise UserError(f"{held_out} holds fewer images than the {processes} processes, so one would have none; "
@@ -539,6 +571,34 @@ def check_batch_limits(args, datamodule, processes: int) -> None:
             each = f" of each of the {processes} processes" if processes > 1 else ""
             raise UserError(f"--limit-{stage}-batches {limit} leaves none of the {batches} {name} batches{each}; "
                             f"give a count like 1 or a fraction of at least 1/{batches}")
+
+
+def check_memory(batch_size: int, step_memory, trainer) -> None:
+    """Refuse a --batch-size whose training step cannot fit in the memory free for each process.
+
+    ``step_memory`` (lit_modules.memory) is a lower bound of a step's needs, so a
+    refused batch would have been killed at its first step; one that passes may
+    still not fit. The processes of CPU DDP share this machine's memory.
+    """
+    from lit_modules.memory import free_memory
+
+    device = trainer.strategy.root_device
+    free = free_memory(device)
+    if free is None:
+        return
+    sharing = trainer.num_devices if device.type == "cpu" else 1
+    free //= sharing
+    needed = step_memory.for_batch(batch_size)
+    if needed <= free:
+        return
+    where = f"on {device}" if device.type != "cpu" else "in this machine's memory"
+    if sharing > 1:
+        where += f" for each of the {sharing} processes"
+    largest = step_memory.largest_batch(free)
+    advice = f"use a --batch-size well below {largest}" if largest else "the network does not fit at any batch size"
+    raise UserError(f"--batch-size {batch_size} needs at least {needed / 2**30:.1f} GiB for a training step "
+                    f"({step_memory.per_image / 2**20:.1f} MiB an image), more than the {free / 2**30:.1f} GiB "
+                    f"free {where}; {advice}")
 
 
 def build_trainer(args, devices, precision: str, logger, callbacks: list):
@@ -601,18 +661,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_devices(args.accelerator, devices)
 
     import pytorch_lightning as pl
+    import torch
     from pytorch_lightning.loggers import TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from datamodules import CIFAR10DataModule
     from datamodules.cifar10 import default_cache_dir
     from lit_modules.callbacks import EMA_SUPPORTED, StopOnDivergence
+    from lit_modules.memory import training_memory
 
     if args.ema_decay and not EMA_SUPPORTED:
         raise UserError(f"--ema-decay needs pytorch-lightning 2.6 or newer; this is {pl.__version__}")
     pl.seed_everything(args.seed, workers=True, verbose=False)
     precision = resolve_precision(args.precision, args.accelerator)
     module = build_module(args, resumed, precision)
+    step_memory = training_memory(torch.nn.Sequential(module.input_resize, module.model), precision,
+                                  channels_last=module.hparams.channels_last)
     if args.compile:
         module.model.compile()
         module.example_input_array = None  # the layer summary's one-image forward pass would compile a second graph
@@ -644,9 +708,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         callbacks, best_checkpoint = build_callbacks(args, checkpoint_dir, has_validation)
         divergence = next(callback for callback in callbacks if isinstance(callback, StopOnDivergence))
         quiet_library_notices()
-        trainer = build_trainer(args, devices, precision, None if args.fast_dev_run else logger, callbacks)
-        if not args.fast_dev_run:  # which ignores the limits
-            check_batch_limits(args, datamodule, trainer.world_size)
+        with notices_held_until_accepted():
+            trainer = build_trainer(args, devices, precision, None if args.fast_dev_run else logger, callbacks)
+            if not args.fast_dev_run:  # which ignores the limits
+                check_batch_limits(args, datamodule, trainer.world_size)
+            check_memory(args.batch_size, step_memory, trainer)
     except BaseException:
         if claims_folder:  # refused before the run wrote anything: leave no empty run folder
             with contextlib.suppress(OSError):

@@ -32,10 +32,13 @@ def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
     most of the suite's script runs need nothing that only a new process gives. Signals, kills, exit-code
     plumbing and DDP are tested through real subprocesses. What a run changes in this process is undone:
     the environment variables that seeding and train.py set, and PyTorch's deterministic-algorithms switch.
+    Lightning's log lines reach the captured stderr as they reach a terminal's (under pytest they would
+    otherwise go to pytest's log capture), so a test of "one line" sees them too.
     """
     import contextlib
     import importlib
     import io
+    import logging
     import runpy
 
     import pytest
@@ -49,6 +52,10 @@ def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
     deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(sys, "argv", [str(ROOT / script), *arguments])
+        for name in ("pytorch_lightning", "lightning_fabric"):  # as each sets itself up outside pytest
+            library_logger = logging.getLogger(name)
+            patch.setattr(library_logger, "handlers", [logging.StreamHandler(err)])
+            patch.setattr(library_logger, "propagate", False)
         for name in ("PL_GLOBAL_SEED", "PL_SEED_WORKERS", "CUBLAS_WORKSPACE_CONFIG", RUN_VERSION_VARIABLE):
             patch.setenv(name, "")  # recorded, so that undoing the patch restores or removes what the run sets
             patch.delenv(name)

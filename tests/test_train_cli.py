@@ -188,6 +188,8 @@ def test_a_reader_that_stops_early_ends_the_script_quietly():
         (["--batch-size", "0"], "--batch-size: must be a positive integer"),
         (["--lr", "0"], "--lr: must be a positive number"),
         (["--lr", "nan"], "--lr: must be a positive number"),
+        (["--lr", "inf"], "--lr: must be a positive number, got inf"),
+        (["--weight-decay", "inf"], "--weight-decay: must be zero or positive, got inf"),
         (["--precision", "8"], "--precision: invalid choice"),
         (["--momentum", "1.5"], "--momentum: must be in [0, 1), got 1.5"),
         (["--test-time-shift", "5"], "--test-time-shift: must be at most 4, the padding of the training crops, got 5"),
@@ -200,6 +202,7 @@ def test_a_reader_that_stops_early_ends_the_script_quietly():
         (["--limit-train-batches", "0"], "--limit-train-batches: must be a batch count of at least 1 or a fraction in (0, 1]"),
         (["--limit-test-batches", "0.0"], "--limit-test-batches: must be a batch count of at least 1 or a fraction in (0, 1]"),
         (["--limit-val-batches", "1.5"], "--limit-val-batches: a fraction must be at most 1"),
+        (["--limit-train-batches", "nan"], "--limit-train-batches: must be a batch count or a fraction in [0, 1], got nan"),
     ],
 )
 def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
@@ -227,6 +230,7 @@ def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
         (["--cutout", "33"], "--cutout: must be at most 32, the side of a CIFAR-10 image, got 33"),
         # The folder holds 80 training and 30 test images: with 20 held out, 3 training batches of 16 and 2 test ones.
         (["--val-size", "80"], "val_size must be between 0 and 79 (the training images), got 80"),
+        (["--val-size", "20", "--batch-size", "61"], "--batch-size 61 is more than the 60 training images; use at most 60"),
         (["--val-size", "20", "--batch-size", "16", "--limit-train-batches", "0.3"],
          "--limit-train-batches 0.3 leaves none of the 3 training batches; give a count like 1 or a fraction of at least 1/3"),
         (["--val-size", "20", "--batch-size", "16", "--limit-test-batches", "0.4"],
@@ -234,7 +238,7 @@ def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
         (["--val-size", "20", "--batch-size", "8", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp",
           "--limit-val-batches", "0.3"], "--limit-val-batches 0.3 leaves none of the 2 validation batches of each of the 2 processes"),
         (["--val-size", "20", "--batch-size", "40", "--accelerator", "cpu", "--devices", "2", "--strategy", "ddp"],
-         "each of the 2 processes gets fewer training images than --batch-size 40, so none would train"),
+         "each of the 2 processes gets 30 training images, fewer than --batch-size 40; use at most 30 or fewer processes"),
     ],
 )
 def test_bad_arguments_get_one_line_and_exit_2(args, fragment, tmp_path, image_folder):

@@ -1,0 +1,74 @@
+"""The training step's memory, measured before training, and the refusal of a batch that cannot fit."""
+
+import pytest
+import torch
+
+import lit_modules.memory as memory
+from models import get_model
+from tests.conftest import TINY_RUN
+from tests.helpers import assert_one_line_error, run_in_process
+
+
+def test_the_measure_leaves_the_network_as_it_was():
+    network = get_model("resnet50")
+    before = {name: value.clone() for name, value in network.state_dict().items()}
+    memory.training_memory(network, "32-true")
+    after = network.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # BatchNorm running statistics too
+
+
+def test_what_a_step_keeps_grows_with_the_image_and_shrinks_with_the_precision():
+    network = get_model("vgg16")
+    small = memory.training_memory(network, "32-true", image_size=32)
+    large = memory.training_memory(network, "32-true", image_size=64)
+    assert 3.5 < large.per_image / small.per_image < 4.5  # four times the pixels at every layer but the classifier
+    half = memory.training_memory(network, "bf16-true")
+    assert 1.8 < small.per_image / half.per_image <= 2  # 2-byte elements; max-pool indices stay 8 bytes
+    weights = sum(parameter.numel() * 4 for parameter in network.parameters())
+    assert memory.OPTIMISER_COPIES * weights <= small.fixed < (memory.OPTIMISER_COPIES + 1) * weights
+
+
+def test_batch_arithmetic():
+    step = memory.TrainingMemory(fixed=1000, per_image=10)
+    assert step.for_batch(16) == 1160
+    assert step.largest_batch(1160) == 16 and step.largest_batch(1169) == 16
+    assert step.largest_batch(500) == 0
+
+
+@pytest.fixture
+def free_memory_of(monkeypatch):
+    """Make train.py see as free the memory of ``batches`` images' training step (per process), as measured for its run."""
+    measured = {}
+    training_memory = memory.training_memory
+
+    def measure(*args, **kwargs):
+        measured["step"] = training_memory(*args, **kwargs)
+        return measured["step"]
+
+    def set_free(batches: int, processes: int = 1) -> None:
+        monkeypatch.setattr(memory, "training_memory", measure)
+        monkeypatch.setattr(memory, "free_memory", lambda device: measured["step"].for_batch(batches) * processes)
+
+    return set_free
+
+
+@pytest.mark.parametrize("batches, processes, fragment", [
+    (10, 1, "free in this machine's memory; use a --batch-size well below 10"),
+    (0, 1, "free in this machine's memory; the network does not fit at any batch size"),
+    (10, 2, "free in this machine's memory for each of the 2 processes; use a --batch-size well below 10"),
+])
+def test_a_batch_that_cannot_fit_is_refused_before_the_run(free_memory_of, image_folder, tmp_path, batches, processes,
+                                                            fragment):
+    free_memory_of(batches, processes)
+    result = run_in_process("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
+                            "--logdir", tmp_path / "logs", "--precision", "32-true", "--devices", processes,
+                            *(["--strategy", "ddp"] if processes > 1 else []), *TINY_RUN)
+    assert_one_line_error(result, "--batch-size 16 needs at least ", " MiB an image), more than the ", fragment)
+    assert not list((tmp_path / "logs").glob("version_*"))
+
+
+def test_a_batch_that_fits_trains(free_memory_of, image_folder, tmp_path):
+    free_memory_of(16)
+    result = run_in_process("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
+                            "--logdir", tmp_path / "logs", "--precision", "32-true", "--fast-dev-run", *TINY_RUN)
+    assert result.returncode == 0, result.stderr[-3000:]
