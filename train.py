@@ -601,6 +601,13 @@ def check_memory(batch_size: int, step_memory, trainer) -> None:
                     f"free {where}; {advice}")
 
 
+def ran_out_of_memory(error: BaseException) -> bool:
+    """A GPU's out-of-memory error, or the CPU allocator's refusal (where Linux overcommits, its kill comes instead)."""
+    import torch
+
+    return isinstance(error, torch.cuda.OutOfMemoryError) or "DefaultCPUAllocator: can't allocate memory" in str(error)
+
+
 def build_trainer(args, devices, precision: str, logger, callbacks: list):
     """The Trainer the flags ask for; Lightning's refusals (say ``--devices 0,1`` on a CPU) as one-line errors."""
     import pytorch_lightning as pl
@@ -808,6 +815,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return record_stop()
     except Exception as error:
         record_failure(error)
+        if ran_out_of_memory(error):
+            phase = "the test" if trainer.state.fn == "test" else "training"
+            raise UserError(f"{trainer.strategy.root_device} ran out of memory at --batch-size {args.batch_size} "
+                            f"during {phase}; lower --batch-size") from error
         raise
     test_accuracy = results[0]["test/acc"]
     if keeps_records:

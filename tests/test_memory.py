@@ -1,5 +1,7 @@
 """The training step's memory, measured before training, and the refusal of a batch that cannot fit."""
 
+import json
+
 import pytest
 import torch
 
@@ -72,3 +74,30 @@ def test_a_batch_that_fits_trains(free_memory_of, image_folder, tmp_path):
     result = run_in_process("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
                             "--logdir", tmp_path / "logs", "--precision", "32-true", "--fast-dev-run", *TINY_RUN)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("error", [
+    torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB."),
+    RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried "
+                 "to allocate 140737488355328 bytes. Error code 12 (Cannot allocate memory)"),
+])
+def test_running_out_of_memory_in_training_is_one_line_and_recorded(monkeypatch, image_folder, tmp_path, error):
+    import pytorch_lightning as pl
+
+    import train
+
+    class OutOfMemory(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, *args):
+            raise error
+
+    build_callbacks = train.build_callbacks
+    monkeypatch.setattr(train, "build_callbacks",
+                        lambda *args: (lambda built: (built[0] + [OutOfMemory()], built[1]))(build_callbacks(*args)))
+    logdir = tmp_path / "logs"
+    result = run_in_process("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir,
+                            "--precision", "32-true", *TINY_RUN)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == ("train.py: error: cpu ran out of memory at --batch-size 16 "
+                                                      "during training; lower --batch-size")
+    info = json.loads((logdir / "version_0" / "run_info.json").read_text())
+    assert info["status"] == "failed" and info["error"].startswith(type(error).__name__ + ": ")
