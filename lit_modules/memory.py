@@ -61,7 +61,7 @@ def training_memory(network: nn.Module, precision: str, image_size: int = 32, ch
     pass, the data set in memory and the libraries come on top, so the figure is
     a lower bound of the step's peak: a batch refused on it would surely not fit.
     The copy runs on the CPU in training mode and leaves ``network`` (its
-    BatchNorm running statistics included) as it was.
+    BatchNorm running statistics included) and the random stream as they were.
     """
     dtype = TRUE_DTYPES.get(precision, torch.float32)
     replica = copy.deepcopy(network).to(dtype=dtype).train()
@@ -72,7 +72,8 @@ def training_memory(network: nn.Module, precision: str, image_size: int = 32, ch
         images = torch.zeros(batch_size, 3, image_size, image_size, dtype=dtype).to(memory_format=memory_format)
         return saved_tensor_bytes(replica, images, autocast)
 
-    two, four = kept(2), kept(4)  # BatchNorm in training takes no single image on a network's 1x1 maps
+    with torch.random.fork_rng(devices=[]):  # a dropout layer's draws would shift the run's random stream
+        two, four = kept(2), kept(4)  # BatchNorm in training takes no single image on a network's 1x1 maps
     weights = sum(parameter.numel() * parameter.element_size() for parameter in replica.parameters())
     per_image = max((four - two) // 2, 1)
     return TrainingMemory(fixed=max(two - 2 * per_image, 0) + OPTIMISER_COPIES * weights, per_image=per_image)

@@ -19,6 +19,16 @@ def test_the_measure_leaves_the_network_as_it_was():
     assert all(torch.equal(before[name], after[name]) for name in before)  # BatchNorm running statistics too
 
 
+def test_the_measure_leaves_the_random_stream_as_it_was():
+    network = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Dropout(0.5), torch.nn.Flatten(),
+                                  torch.nn.Linear(8 * 30 * 30, 10))
+    torch.manual_seed(0)
+    memory.training_memory(network, "32-true")
+    after_measure = torch.rand(3)
+    torch.manual_seed(0)
+    assert torch.equal(after_measure, torch.rand(3))
+
+
 def test_what_a_step_keeps_grows_with_the_image_and_shrinks_with_the_precision():
     network = get_model("vgg16")
     small = memory.training_memory(network, "32-true", image_size=32)
