@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import inspect
 import logging
-import math
 import os
 import platform
 import re
@@ -551,10 +550,11 @@ def check_batch_limits(args, datamodule, processes: int) -> None:
     (or, under DDP, train on none), and a process without a validation or test
     image would leave the others waiting for it.
     """
-    images = math.ceil(len(datamodule.train_set) / processes)  # each process's share (DistributedSampler's)
-    if args.batch_size > images and processes == 1:
-        raise UserError(f"--batch-size {args.batch_size} is more than the {images} training images; use at most {images}")
+    images = datamodule.images_per_process("train", processes)
     if args.batch_size > images:
+        if processes == 1:
+            raise UserError(f"--batch-size {args.batch_size} is more than the {images} training images; "
+                            f"use at most {images}")
         raise UserError(f"each of the {processes} processes gets {images} training images, fewer than --batch-size "
                         f"{args.batch_size}; use at most {images} or fewer processes")
     for stage in ("train", "val", "test"):
@@ -573,15 +573,20 @@ def check_batch_limits(args, datamodule, processes: int) -> None:
                             f"give a count like 1 or a fraction of at least 1/{batches}")
 
 
-def check_memory(batch_size: int, step_memory, trainer) -> None:
+def check_memory(batch_size: int, module, precision: str, trainer) -> None:
     """Refuse a --batch-size whose training step cannot fit in the memory free for each process.
 
-    ``step_memory`` (lit_modules.memory) is a lower bound of a step's needs, so a
+    The step's needs are measured on a copy of ``module``'s network, before any
+    ``torch.compile``. The measure (lit_modules.memory) is a lower bound, so a
     refused batch would have been killed at its first step; one that passes may
     still not fit. The processes of CPU DDP share this machine's memory.
     """
-    from lit_modules.memory import free_memory
+    import torch
 
+    from lit_modules.memory import free_memory, training_memory
+
+    step_memory = training_memory(torch.nn.Sequential(module.input_resize, module.model), precision,
+                                  channels_last=module.hparams.channels_last)
     device = trainer.strategy.root_device
     free = free_memory(device)
     if free is None:
@@ -668,25 +673,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     check_devices(args.accelerator, devices)
 
     import pytorch_lightning as pl
-    import torch
     from pytorch_lightning.loggers import TensorBoardLogger
     from pytorch_lightning.utilities.exceptions import SIGTERMException
 
     from datamodules import CIFAR10DataModule
     from datamodules.cifar10 import default_cache_dir
     from lit_modules.callbacks import EMA_SUPPORTED, StopOnDivergence
-    from lit_modules.memory import training_memory
 
     if args.ema_decay and not EMA_SUPPORTED:
         raise UserError(f"--ema-decay needs pytorch-lightning 2.6 or newer; this is {pl.__version__}")
     pl.seed_everything(args.seed, workers=True, verbose=False)
     precision = resolve_precision(args.precision, args.accelerator)
     module = build_module(args, resumed, precision)
-    step_memory = training_memory(torch.nn.Sequential(module.input_resize, module.model), precision,
-                                  channels_last=module.hparams.channels_last)
-    if args.compile:
-        module.model.compile()
-        module.example_input_array = None  # the layer summary's one-image forward pass would compile a second graph
 
     datamodule = CIFAR10DataModule(
         data_dir=args.data_dir,
@@ -719,12 +717,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             trainer = build_trainer(args, devices, precision, None if args.fast_dev_run else logger, callbacks)
             if not args.fast_dev_run:  # which ignores the limits
                 check_batch_limits(args, datamodule, trainer.world_size)
-            check_memory(args.batch_size, step_memory, trainer)
+            check_memory(args.batch_size, module, precision, trainer)
     except BaseException:
         if claims_folder:  # refused before the run wrote anything: leave no empty run folder
             with contextlib.suppress(OSError):
                 (logdir / f"version_{version}").rmdir()
         raise
+    if args.compile:
+        module.model.compile()
+        module.example_input_array = None  # the layer summary's one-image forward pass would compile a second graph
 
     keeps_records = trainer.is_global_zero and not args.fast_dev_run
     run_info_path = run_dir / "run_info.json"

@@ -432,23 +432,27 @@ class CIFAR10DataModule(pl.LightningDataModule):
         # A last batch of a few images makes BatchNorm statistics noisy; drop it when training.
         return shuffle and len(dataset) > self.batch_size
 
-    def batches_per_epoch(self, stage: str, processes: int = 1) -> int:
-        """The fewest batches any of ``processes`` draws from the ``stage`` loader ("train", "val" or "test") in a pass.
+    def images_per_process(self, stage: str, processes: int = 1) -> int:
+        """The fewest images any of ``processes`` draws from the ``stage`` loader ("train", "val" or "test") in a pass.
 
         Under DDP Lightning's distributed sampler hands each process ceil(n / processes)
-        of the n training images (repeating a few to even the shares); the training
-        loader then drops its last, partial batch, so a process with fewer images
-        than a batch trains on none. Validation and test shares are not evened out
-        (:meth:`_evaluation_sampler`): the smallest holds floor(n / processes) images.
+        of the n training images (repeating a few to even the shares). Validation and
+        test shares are not evened out (:meth:`_evaluation_sampler`): the smallest
+        holds floor(n / processes) images.
         """
         self.setup()
         dataset = {"train": self.train_set, "val": self.val_set, "test": self.test_set}[stage]
-        if stage == "train":
-            images = math.ceil(len(dataset) / processes)
-            if self._drops_last_batch(dataset, shuffle=True):
-                return images // self.batch_size
-        else:
-            images = len(dataset) // processes
+        return math.ceil(len(dataset) / processes) if stage == "train" else len(dataset) // processes
+
+    def batches_per_epoch(self, stage: str, processes: int = 1) -> int:
+        """The fewest batches any of ``processes`` draws from the ``stage`` loader in a pass.
+
+        The training loader drops its last, partial batch, so a DDP process with
+        fewer training images than a batch trains on none.
+        """
+        images = self.images_per_process(stage, processes)
+        if stage == "train" and self._drops_last_batch(self.train_set, shuffle=True):
+            return images // self.batch_size
         return math.ceil(images / self.batch_size)
 
     def _evaluation_sampler(self, dataset: TensorDataset) -> Sampler | None:

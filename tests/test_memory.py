@@ -101,8 +101,12 @@ def test_running_out_of_memory_in_training_is_one_line_and_recorded(monkeypatch,
             raise error
 
     build_callbacks = train.build_callbacks
-    monkeypatch.setattr(train, "build_callbacks",
-                        lambda *args: (lambda built: (built[0] + [OutOfMemory()], built[1]))(build_callbacks(*args)))
+
+    def with_out_of_memory(*args):
+        callbacks, best_checkpoint = build_callbacks(*args)
+        return callbacks + [OutOfMemory()], best_checkpoint
+
+    monkeypatch.setattr(train, "build_callbacks", with_out_of_memory)
     logdir = tmp_path / "logs"
     result = run_in_process("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir,
                             "--precision", "32-true", *TINY_RUN)
