@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import math
 import os
 import sys
 import traceback
+import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -260,3 +262,19 @@ def check_output_file(path: Path, flag: str) -> None:
         raise UserError(f"{flag} {path}: {existing} is a file, not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{flag} {path}: the folder {existing} is not writable; choose another place")
+
+
+def is_not_a_library_tip(record: logging.LogRecord) -> bool:
+    return not record.getMessage().startswith("\N{ELECTRIC LIGHT BULB} Tip:")
+
+
+def quiet_library_notices() -> None:
+    """Keep two lines that no user can act on out of the output of every run and benchmark.
+
+    Lightning 2.6 still builds ``LeafSpec`` objects, which recent torch releases
+    deprecate with a FutureWarning at each fit and test; and Lightning prints a
+    tip recommending an extra logging package whenever it is not installed.
+    Both filters are installed once however often this runs in one process.
+    """
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(is_not_a_library_tip)

@@ -97,8 +97,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     out = Path(args.out)
     check_output_file(out, "--out")
-    if not out.parent.exists():  # the exporters write into an existing folder only
-        raise UserError(f"--out {out}: the folder {out.parent} does not exist")
     require_file(args.checkpoint)
 
     import torch
@@ -107,6 +105,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     module = load_classifier(args.checkpoint)
     model = torch.nn.Sequential(module.input_resize, module.model).float().to(memory_format=torch.contiguous_format).eval()
+    missing_folders = [folder for folder in (out.parent, *out.parent.parents) if not folder.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         with warnings.catch_warnings():
@@ -135,6 +135,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.replace(temporary, out)
     finally:
         temporary.unlink(missing_ok=True)
+        for folder in missing_folders:  # a failed export leaves no folders it made, innermost first
+            if not out.exists() and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
     print(f"Wrote {out} ({args.format}, {module.hparams.model_name}); largest |logit difference| vs PyTorch: {worst:.1e}")
     return 0
 

@@ -93,7 +93,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from datamodules.cifar10 import read_rgb
 
     classifier = OnnxClassifier(args.model) if args.model.endswith(".onnx") else TorchClassifier(args.model)
-    top_k = min(args.top_k, len(classifier.class_names))
+    classes = len(classifier.class_names)
+    if args.top_k > classes:
+        raise UserError(f"--top-k {args.top_k} is more than the model's {classes} classes; use at most {classes}")
     readable, images, failures = [], [], []
     for path in files:
         try:
@@ -106,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     for start in range(0, len(images), args.batch_size):
         batch = normalize(torch.stack(images[start : start + args.batch_size]))
         probabilities = classifier.probabilities(batch)
-        values, indices = probabilities.topk(top_k, dim=1)
+        values, indices = probabilities.topk(args.top_k, dim=1)
         for path, row_values, row_indices in zip(readable[start:], values.tolist(), indices.tolist()):
             results.append({
                 "file": str(path),

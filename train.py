@@ -42,6 +42,7 @@ from cli import (
     positive_float,
     positive_int,
     positive_int_or_fraction,
+    quiet_library_notices,
     read_run_info,
     require_file,
     resolve_precision,
@@ -255,22 +256,6 @@ def resolve_input_size(args, precision: str) -> int | None:
     if precision in FULL_PRECISIONS and trains_on_cpu(args.accelerator):
         return None
     return AUTO_INPUT_SIZE
-
-
-def is_not_a_library_tip(record: logging.LogRecord) -> bool:
-    return not record.getMessage().startswith("\N{ELECTRIC LIGHT BULB} Tip:")
-
-
-def quiet_library_notices() -> None:
-    """Keep two lines that no user can act on out of every run's output.
-
-    Lightning 2.6 still builds ``LeafSpec`` objects, which recent torch releases
-    deprecate with a FutureWarning at each fit and test; and Lightning prints a
-    tip recommending an extra logging package whenever it is not installed.
-    Both filters are installed once however often ``main`` runs in one process.
-    """
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(is_not_a_library_tip)
 
 
 @contextlib.contextmanager
@@ -596,9 +581,9 @@ def check_memory(batch_size: int, module, precision: str, trainer) -> None:
     needed = step_memory.for_batch(batch_size)
     if needed <= free:
         return
-    where = f"on {device}" if device.type != "cpu" else "in this machine's memory"
+    where = f"on {device}" if device.type != "cpu" else "to this process"
     if sharing > 1:
-        where += f" for each of the {sharing} processes"
+        where = f"to each of the {sharing} processes"
     largest = step_memory.largest_batch(free)
     advice = f"use a --batch-size well below {largest}" if largest else "the network does not fit at any batch size"
     raise UserError(f"--batch-size {batch_size} needs at least {needed / 2**30:.1f} GiB for a training step "

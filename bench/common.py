@@ -11,7 +11,7 @@ import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 
-from cli import UserError, autocast_for
+from cli import UserError, autocast_for, quiet_library_notices
 from datamodules import CIFAR10DataModule
 from datamodules.transforms import normalize, train_augment
 from lit_modules import LitClassifier
@@ -281,6 +281,7 @@ def trainer_and_plain_step_seconds(model_name: str, batch_size: int, steps: int,
     module = LitClassifier(model_name, lr=0.01, label_smoothing=0.1, channels_last=True, input_size=input_size)
     turns = PlainStepBetweenBatches(PlainStep(model_name, precision, channels_last=True, input_size=input_size),
                                     batch_size, warmup, steps)
+    quiet_library_notices()
     trainer = pl.Trainer(
         accelerator="cpu", devices=1, precision=precision, max_epochs=1, limit_val_batches=0,
         logger=pl.loggers.TensorBoardLogger(logdir, name="", default_hp_metric=False), log_every_n_steps=50,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -79,17 +80,71 @@ def training_memory(network: nn.Module, precision: str, image_size: int = 32, ch
     return TrainingMemory(fixed=max(two - 2 * per_image, 0) + OPTIMISER_COPIES * weights, per_image=per_image)
 
 
+CGROUP_ROOT = Path("/sys/fs/cgroup")
+NO_LIMIT = 2**60  # cgroup v1 writes "no limit" as the largest page-aligned 64-bit number
+
+
+def cgroup_headroom(membership: Path = Path("/proc/self/cgroup"), root: Path = CGROUP_ROOT) -> int | None:
+    """Bytes the memory limits of this process's cgroup and of its ancestors still allow (a container's or a batch
+    job's limit, less what the group uses, its inactive page cache counted as free); None where none is set.
+
+    Linux kills a process of a group that reaches its limit, whatever the machine's
+    MemAvailable says. Reads cgroup v2 (``memory.max``) and v1 (``memory.limit_in_bytes``).
+    """
+    try:
+        lines = membership.read_text().splitlines()
+    except OSError:
+        return None
+    headrooms = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":
+            mount, files = root, ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            mount, files = root / "memory", ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        folder = mount / path.lstrip("/")
+        if not folder.is_dir():  # in a container the mount is the group's own folder, under a name seen from outside
+            folder = mount
+        while True:
+            headroom = group_headroom(folder, *files)
+            if headroom is not None:
+                headrooms.append(headroom)
+            if folder == mount:
+                break
+            folder = folder.parent
+    return min(headrooms, default=None)
+
+
+def group_headroom(folder: Path, limit_file: str, usage_file: str, reclaimable_stat: str) -> int | None:
+    """One cgroup's limit less its usage, plus its reclaimable page cache; None where it sets no limit."""
+    try:
+        limit_text = (folder / limit_file).read_text().strip()
+        if limit_text == "max" or int(limit_text) >= NO_LIMIT:
+            return None
+        usage = int((folder / usage_file).read_text())
+        stats = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if line.strip())
+        reclaimable = int(stats.get(reclaimable_stat, 0))
+    except (OSError, ValueError):
+        return None
+    return max(int(limit_text) - usage + reclaimable, 0)
+
+
 def free_memory(device: torch.device) -> int | None:
-    """Bytes free for a new allocation on ``device``: the GPU's free memory, or Linux's MemAvailable; None if unknown."""
+    """Bytes free for a new allocation on ``device``: the GPU's free memory, or on the CPU the smaller of Linux's
+    MemAvailable and what the process's memory cgroup allows; None if unknown."""
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
     if device.type != "cpu":
         return None
+    available = None
     try:
         with open("/proc/meminfo") as meminfo:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    available = int(line.split()[1]) * 1024
     except OSError:
         pass
-    return None
+    limits = [value for value in (available, cgroup_headroom()) if value is not None]
+    return min(limits, default=None)

@@ -35,6 +35,7 @@ def assert_ratio_within_quartiles(ratio: str, quartiles: str) -> None:
 def test_throughput_pairs_the_trainer_with_the_plain_loop_and_the_levers_step_by_step():
     result = run_in_process("bench/throughput.py", *TINY)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "litlogger" not in result.stdout + result.stderr  # a library tip no user can act on
     overhead, levers = table_rows(result.stdout)
     assert overhead["model"] == levers["model"] == "resnet50_seed" and overhead["batch"] == "8"
     assert float(overhead["(a) Trainer"]) > 0 and float(overhead["(b) plain loop"]) > 0

@@ -47,6 +47,56 @@ def test_batch_arithmetic():
     assert step.largest_batch(500) == 0
 
 
+
+def write_group(folder, limit, usage, stat):
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"v2": ("memory.max", "memory.current"), "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes")}
+    limit_file, usage_file = files["v1" if "total_inactive_file" in stat else "v2"]
+    (folder / limit_file).write_text(f"{limit}\n")
+    (folder / usage_file).write_text(f"{usage}\n")
+    (folder / "memory.stat").write_text(stat)
+
+
+def test_a_cgroup_v2_limit_counts_less_its_usage_with_page_cache_as_free(tmp_path):
+    membership = tmp_path / "cgroup"
+    membership.write_text("0::/job/step\n")
+    write_group(tmp_path / "job", "max", 0, "anon 0\ninactive_file 0\n")
+    write_group(tmp_path / "job" / "step", 8000, 5000, "anon 4000\ninactive_file 1000\n")
+    assert memory.cgroup_headroom(membership, root=tmp_path) == 8000 - 5000 + 1000
+    write_group(tmp_path / "job", 4500, 4000, "anon 4000\ninactive_file 0\n")  # a tighter parent wins
+    assert memory.cgroup_headroom(membership, root=tmp_path) == 500
+    write_group(tmp_path / "job" / "step", "max", 5000, "inactive_file 0\n")
+    write_group(tmp_path / "job", "max", 0, "inactive_file 0\n")
+    assert memory.cgroup_headroom(membership, root=tmp_path) is None
+
+
+def test_a_cgroup_v1_limit_is_read_and_its_no_limit_value_ignored(tmp_path):
+    membership = tmp_path / "cgroup"
+    membership.write_text("5:cpu,cpuacct:/\n4:memory:/docker/abc\n0::/\n")
+    write_group(tmp_path / "memory" / "docker" / "abc", 2**30, 2**29, f"inactive_file 7\ntotal_inactive_file {2**20}\n")
+    assert memory.cgroup_headroom(membership, root=tmp_path) == 2**30 - 2**29 + 2**20
+    write_group(tmp_path / "memory" / "docker" / "abc", 9223372036854771712, 2**29, "total_inactive_file 0\n")
+    assert memory.cgroup_headroom(membership, root=tmp_path) is None
+
+
+def test_inside_a_container_the_mount_is_the_groups_own_folder(tmp_path):
+    membership = tmp_path / "cgroup"
+    membership.write_text("4:memory:/kubepods/pod1/abc\n")  # a name seen from the host, absent in the container
+    write_group(tmp_path / "memory", 3000, 1000, "total_inactive_file 0\n")
+    assert memory.cgroup_headroom(membership, root=tmp_path) == 2000
+    assert memory.cgroup_headroom(tmp_path / "no-such-file", root=tmp_path) is None
+
+
+def test_free_cpu_memory_is_the_smaller_of_the_machines_and_the_cgroups(monkeypatch):
+    monkeypatch.setattr(memory, "cgroup_headroom", lambda: None)
+    machine = memory.free_memory(torch.device("cpu"))  # MemAvailable alone
+    assert machine is not None and machine > 0
+    monkeypatch.setattr(memory, "cgroup_headroom", lambda: 12345)
+    assert memory.free_memory(torch.device("cpu")) == 12345
+    monkeypatch.setattr(memory, "cgroup_headroom", lambda: 2**62)
+    assert memory.free_memory(torch.device("cpu")) == pytest.approx(machine, rel=0.2)
+
+
 @pytest.fixture
 def free_memory_of(monkeypatch):
     """Make train.py see as free the memory of ``batches`` images' training step (per process), as measured for its run."""
@@ -65,9 +115,9 @@ def free_memory_of(monkeypatch):
 
 
 @pytest.mark.parametrize("batches, processes, fragment", [
-    (10, 1, "free in this machine's memory; use a --batch-size well below 10"),
-    (0, 1, "free in this machine's memory; the network does not fit at any batch size"),
-    (10, 2, "free in this machine's memory for each of the 2 processes; use a --batch-size well below 10"),
+    (10, 1, "free to this process; use a --batch-size well below 10"),
+    (0, 1, "free to this process; the network does not fit at any batch size"),
+    (10, 2, "free to each of the 2 processes; use a --batch-size well below 10"),
 ])
 def test_a_batch_that_cannot_fit_is_refused_before_the_run(free_memory_of, image_folder, tmp_path, batches, processes,
                                                             fragment):

@@ -238,6 +238,8 @@ def test_predict_on_files_and_folders(best_checkpoint, prediction_inputs, tmp_pa
     empty.mkdir()
     assert_one_line_error(run_in_process("predict.py", best_checkpoint, empty), "empty folder")
     assert_one_line_error(run_in_process("predict.py", best_checkpoint, tmp_path / "nope.png"), "nope.png: no such file")
+    assert_one_line_error(run_in_process("predict.py", best_checkpoint, prediction_inputs, "--top-k", "11"),
+                          "--top-k 11 is more than the model's 10 classes; use at most 10")
 
 
 @pytest.fixture(scope="module")
@@ -246,7 +248,7 @@ def exported(best_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("exported")
     files = {}
     for export_format in ("onnx", "torchscript"):
-        out = folder / f"model.{export_format}"
+        out = folder / export_format / f"model.{export_format}"  # export.py makes the missing folder
         with warnings.catch_warnings(record=True) as raised:
             warnings.simplefilter("always")
             result = run_in_process("export.py", best_checkpoint, "--format", export_format, "--out", out)
@@ -286,7 +288,7 @@ def test_export_matches_pytorch(best_checkpoint, exported, export_format):
 
 
 def test_an_opset_the_exporter_cannot_serve_is_one_line_and_writes_nothing(best_checkpoint, tmp_path):
-    out = tmp_path / "model.onnx"
+    out = tmp_path / "new" / "folders" / "model.onnx"
     result = run_in_process("export.py", best_checkpoint, "--format", "onnx", "--out", out, "--opset", "99")
     assert_one_line_error(result, "the ONNX export failed at --opset 99", "the default 17 works")
     assert list(tmp_path.iterdir()) == []
