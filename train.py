@@ -526,6 +526,25 @@ def build_callbacks(args, checkpoint_dir: Path, has_validation: bool):
     return callbacks, best_checkpoint
 
 
+def check_launcher(num_nodes: int, trainer) -> None:
+    """Refuse ``--num-nodes`` above 1 where nothing starts the other nodes' processes.
+
+    Lightning finds a launcher in the environment (SLURM's ``srun``, torchrun, MPI,
+    LSF, Kubeflow); without one it falls back to a plain environment, where each
+    node is told its ``NODE_RANK`` by hand. Without any of these the first process
+    would wait, silently and for ever, for processes that no one starts.
+    """
+    from lightning_fabric.plugins.environments import LightningEnvironment
+
+    if num_nodes == 1 or not isinstance(getattr(trainer.strategy, "cluster_environment", None), LightningEnvironment):
+        return
+    if os.environ.get("NODE_RANK"):
+        return
+    raise UserError(f"--num-nodes {num_nodes} needs a launcher that starts train.py on every node (srun, torchrun, "
+                    "or NODE_RANK, MASTER_ADDR and MASTER_PORT set on each; README, Scaling out); alone this "
+                    "process would wait for the others for ever")
+
+
 def check_batch_limits(args, datamodule, processes: int) -> None:
     """Before the run folder is made, refuse a batch larger than a process trains on, or a stage without a batch.
 
@@ -700,6 +719,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet_library_notices()
         with notices_held_until_accepted():
             trainer = build_trainer(args, devices, precision, None if args.fast_dev_run else logger, callbacks)
+            check_launcher(args.num_nodes, trainer)
             if not args.fast_dev_run:  # which ignores the limits
                 check_batch_limits(args, datamodule, trainer.world_size)
             check_memory(args.batch_size, module, precision, trainer)

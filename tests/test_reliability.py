@@ -578,3 +578,39 @@ def test_ddp_on_two_cpu_processes_shards_data_and_syncs_metrics(image_folder, tm
                                 "--json", tmp_path / "eval.json")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert json.loads((tmp_path / "eval.json").read_text())["accuracy"] == pytest.approx(logged, abs=1e-6)
+
+
+LAUNCHERS = {
+    "by hand": {"NODE_RANK": "1", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"},
+    "srun": {"SLURM_NTASKS": "2", "SLURM_JOB_NAME": "train", "SLURM_NODEID": "0", "SLURM_PROCID": "0",
+             "SLURM_LOCALID": "0", "SLURM_NODELIST": "node[1-2]", "SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_ID": "42"},
+    "torchrun": {"TORCHELASTIC_RUN_ID": "job", "RANK": "0", "GROUP_RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                 "WORLD_SIZE": "2", "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"},
+}
+
+
+def without_launchers(monkeypatch) -> None:
+    for name in {name for environment in LAUNCHERS.values() for name in environment}:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_several_nodes_without_a_launcher_are_refused_instead_of_waiting(image_folder, tmp_path, monkeypatch):
+    without_launchers(monkeypatch)
+    result = run_in_process("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
+                            "--logdir", tmp_path / "logs", "--num-nodes", "2", *TINY_RUN)
+    assert_one_line_error(result, "--num-nodes 2 needs a launcher that starts train.py on every node",
+                          "alone this process would wait for the others for ever")
+    assert not list((tmp_path / "logs").glob("version_*"))
+
+
+@pytest.mark.parametrize("launcher", list(LAUNCHERS))
+def test_several_nodes_pass_under_a_launcher(monkeypatch, launcher):
+    import pytorch_lightning as pl
+
+    import train
+
+    without_launchers(monkeypatch)
+    for name, value in LAUNCHERS[launcher].items():
+        monkeypatch.setenv(name, value)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, num_nodes=2, strategy="ddp", logger=False)
+    train.check_launcher(2, trainer)  # no refusal
