@@ -700,7 +700,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         channels_last=module.hparams.channels_last,
         cutout_size=args.cutout,
     )
-    datamodule.prepare_data()  # data problems surface here and in setup (a --val-size too large), before any run folder
+    datamodule.prepare_data()  # data problems surface here, before any run folder
+    labelled = datamodule.labelled_images
+    if args.val_size >= labelled:
+        raise UserError(f"--val-size {args.val_size} leaves none of the {labelled} training images to train on; "
+                        f"use at most {labelled - 1}")
     datamodule.setup()
 
     is_worker = launched_as_later_rank()

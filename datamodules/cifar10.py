@@ -354,6 +354,11 @@ class CIFAR10DataModule(pl.LightningDataModule):
             self._arrays = load_cifar10(self.data_dir, self.cache_dir, self.download)
         return self._arrays
 
+    @property
+    def labelled_images(self) -> int:
+        """The training images before validation is held out from them (the data is loaded if it is not yet)."""
+        return len(self._load()["train_labels"])
+
     def setup(self, stage: str | None = None) -> None:
         arrays = self._load()
         if self.train_set is None:

@@ -229,7 +229,8 @@ def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
         (["--init-from", "missing.pt"], "missing.pt: no such file"),
         (["--cutout", "33"], "--cutout: must be at most 32, the side of a CIFAR-10 image, got 33"),
         # The folder holds 80 training and 30 test images: with 20 held out, 3 training batches of 16 and 2 test ones.
-        (["--val-size", "80"], "val_size must be between 0 and 79 (the training images), got 80"),
+        (["--val-size", "80"], "--val-size 80 leaves none of the 80 training images to train on; use at most 79"),
+        (["--val-size", "81"], "--val-size 81 leaves none of the 80 training images to train on; use at most 79"),
         (["--val-size", "20", "--batch-size", "61"], "--batch-size 61 is more than the 60 training images; use at most 60"),
         (["--val-size", "20", "--batch-size", "16", "--limit-train-batches", "0.3"],
          "--limit-train-batches 0.3 leaves none of the 3 training batches; give a count like 1 or a fraction of at least 1/3"),
