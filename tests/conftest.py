@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pytorch_lightning.utilities.model_summary import ModelSummary
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -45,6 +46,9 @@ def image_folder(tmp_path_factory) -> Path:
 def cache_dir(tmp_path) -> Path:
     return tmp_path / "cache"
 
+
+# pytorch-lightning 2.6 and newer count each layer's FLOPs in the model summary; 2.5 lists the layers only.
+SUMMARY_COUNTS_FLOPS = hasattr(ModelSummary, "total_flops")
 
 TINY_RUN = ("--val-size", "20", "--batch-size", "16", "--progress-refresh", "0", "--accelerator", "cpu")
 
