@@ -97,7 +97,10 @@ def cgroup_headroom(membership: Path = Path("/proc/self/cgroup"), root: Path = C
         return None
     headrooms = []
     for line in lines:
-        _, controllers, path = line.split(":", 2)
+        fields = line.split(":", 2)  # hierarchy-ID:controllers:path
+        if len(fields) != 3:
+            continue
+        _, controllers, path = fields
         if controllers == "":
             mount, files = root, ("memory.max", "memory.current", "inactive_file")
         elif "memory" in controllers.split(","):

@@ -72,7 +72,7 @@ def test_a_cgroup_v2_limit_counts_less_its_usage_with_page_cache_as_free(tmp_pat
 
 def test_a_cgroup_v1_limit_is_read_and_its_no_limit_value_ignored(tmp_path):
     membership = tmp_path / "cgroup"
-    membership.write_text("5:cpu,cpuacct:/\n4:memory:/docker/abc\n0::/\n")
+    membership.write_text("5:cpu,cpuacct:/\n4:memory:/docker/abc\n0::/\nnot a membership line\n")
     write_group(tmp_path / "memory" / "docker" / "abc", 2**30, 2**29, f"inactive_file 7\ntotal_inactive_file {2**20}\n")
     assert memory.cgroup_headroom(membership, root=tmp_path) == 2**30 - 2**29 + 2**20
     write_group(tmp_path / "memory" / "docker" / "abc", 9223372036854771712, 2**29, "total_inactive_file 0\n")
