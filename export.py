@@ -135,9 +135,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.replace(temporary, out)
     finally:
         temporary.unlink(missing_ok=True)
-        for folder in missing_folders:  # a failed export leaves no folders it made, innermost first
-            if not out.exists() and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()
+        if not out.exists():  # a failed export leaves no folders it made, innermost first
+            for folder in missing_folders:
+                if folder.is_dir() and not any(folder.iterdir()):
+                    folder.rmdir()
     print(f"Wrote {out} ({args.format}, {module.hparams.model_name}); largest |logit difference| vs PyTorch: {worst:.1e}")
     return 0
 

@@ -600,9 +600,12 @@ def check_memory(batch_size: int, module, precision: str, trainer) -> None:
     needed = step_memory.for_batch(batch_size)
     if needed <= free:
         return
-    where = f"on {device}" if device.type != "cpu" else "to this process"
-    if sharing > 1:
+    if device.type != "cpu":
+        where = f"on {device}"
+    elif sharing > 1:
         where = f"to each of the {sharing} processes"
+    else:
+        where = "to this process"
     largest = step_memory.largest_batch(free)
     advice = f"use a --batch-size well below {largest}" if largest else "the network does not fit at any batch size"
     raise UserError(f"--batch-size {batch_size} needs at least {needed / 2**30:.1f} GiB for a training step "

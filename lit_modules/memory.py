@@ -124,14 +124,15 @@ def group_headroom(folder: Path, limit_file: str, usage_file: str, reclaimable_s
     """One cgroup's limit less its usage, plus its reclaimable page cache; None where it sets no limit."""
     try:
         limit_text = (folder / limit_file).read_text().strip()
-        if limit_text == "max" or int(limit_text) >= NO_LIMIT:
+        limit = None if limit_text == "max" else int(limit_text)
+        if limit is None or limit >= NO_LIMIT:
             return None
         usage = int((folder / usage_file).read_text())
         stats = dict(line.split() for line in (folder / "memory.stat").read_text().splitlines() if line.strip())
         reclaimable = int(stats.get(reclaimable_stat, 0))
     except (OSError, ValueError):
         return None
-    return max(int(limit_text) - usage + reclaimable, 0)
+    return max(limit - usage + reclaimable, 0)
 
 
 def free_memory(device: torch.device) -> int | None:
@@ -147,6 +148,7 @@ def free_memory(device: torch.device) -> int | None:
             for line in meminfo:
                 if line.startswith("MemAvailable:"):
                     available = int(line.split()[1]) * 1024
+                    break
     except OSError:
         pass
     limits = [value for value in (available, cgroup_headroom()) if value is not None]

@@ -47,11 +47,12 @@ def test_batch_arithmetic():
     assert step.largest_batch(500) == 0
 
 
+GROUP_FILES = {"v2": ("memory.max", "memory.current"), "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes")}
 
-def write_group(folder, limit, usage, stat):
+
+def write_group(folder, version, limit, usage, stat):
     folder.mkdir(parents=True, exist_ok=True)
-    files = {"v2": ("memory.max", "memory.current"), "v1": ("memory.limit_in_bytes", "memory.usage_in_bytes")}
-    limit_file, usage_file = files["v1" if "total_inactive_file" in stat else "v2"]
+    limit_file, usage_file = GROUP_FILES[version]
     (folder / limit_file).write_text(f"{limit}\n")
     (folder / usage_file).write_text(f"{usage}\n")
     (folder / "memory.stat").write_text(stat)
@@ -60,29 +61,30 @@ def write_group(folder, limit, usage, stat):
 def test_a_cgroup_v2_limit_counts_less_its_usage_with_page_cache_as_free(tmp_path):
     membership = tmp_path / "cgroup"
     membership.write_text("0::/job/step\n")
-    write_group(tmp_path / "job", "max", 0, "anon 0\ninactive_file 0\n")
-    write_group(tmp_path / "job" / "step", 8000, 5000, "anon 4000\ninactive_file 1000\n")
+    write_group(tmp_path / "job", "v2", "max", 0, "anon 0\ninactive_file 0\n")
+    write_group(tmp_path / "job" / "step", "v2", 8000, 5000, "anon 4000\ninactive_file 1000\n")
     assert memory.cgroup_headroom(membership, root=tmp_path) == 8000 - 5000 + 1000
-    write_group(tmp_path / "job", 4500, 4000, "anon 4000\ninactive_file 0\n")  # a tighter parent wins
+    write_group(tmp_path / "job", "v2", 4500, 4000, "anon 4000\ninactive_file 0\n")  # a tighter parent wins
     assert memory.cgroup_headroom(membership, root=tmp_path) == 500
-    write_group(tmp_path / "job" / "step", "max", 5000, "inactive_file 0\n")
-    write_group(tmp_path / "job", "max", 0, "inactive_file 0\n")
+    write_group(tmp_path / "job" / "step", "v2", "max", 5000, "inactive_file 0\n")
+    write_group(tmp_path / "job", "v2", "max", 0, "inactive_file 0\n")
     assert memory.cgroup_headroom(membership, root=tmp_path) is None
 
 
 def test_a_cgroup_v1_limit_is_read_and_its_no_limit_value_ignored(tmp_path):
     membership = tmp_path / "cgroup"
     membership.write_text("5:cpu,cpuacct:/\n4:memory:/docker/abc\n0::/\nnot a membership line\n")
-    write_group(tmp_path / "memory" / "docker" / "abc", 2**30, 2**29, f"inactive_file 7\ntotal_inactive_file {2**20}\n")
+    write_group(tmp_path / "memory" / "docker" / "abc", "v1", 2**30, 2**29,
+                f"inactive_file 7\ntotal_inactive_file {2**20}\n")
     assert memory.cgroup_headroom(membership, root=tmp_path) == 2**30 - 2**29 + 2**20
-    write_group(tmp_path / "memory" / "docker" / "abc", 9223372036854771712, 2**29, "total_inactive_file 0\n")
+    write_group(tmp_path / "memory" / "docker" / "abc", "v1", 9223372036854771712, 2**29, "total_inactive_file 0\n")
     assert memory.cgroup_headroom(membership, root=tmp_path) is None
 
 
 def test_inside_a_container_the_mount_is_the_groups_own_folder(tmp_path):
     membership = tmp_path / "cgroup"
     membership.write_text("4:memory:/kubepods/pod1/abc\n")  # a name seen from the host, absent in the container
-    write_group(tmp_path / "memory", 3000, 1000, "total_inactive_file 0\n")
+    write_group(tmp_path / "memory", "v1", 3000, 1000, "total_inactive_file 0\n")
     assert memory.cgroup_headroom(membership, root=tmp_path) == 2000
     assert memory.cgroup_headroom(tmp_path / "no-such-file", root=tmp_path) is None
 
