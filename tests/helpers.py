@@ -28,10 +28,11 @@ def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
     """``python SCRIPT ARGS`` without a new interpreter: the script's ``main`` through ``run_main``, as its
     ``__main__`` block calls it, with ``sys.argv`` as the script would see it and its output captured.
 
-    A fresh interpreter spends about 8 seconds here importing torch and Lightning before it does anything;
-    most of the suite's script runs need nothing that only a new process gives. Signals, kills, exit-code
-    plumbing and DDP are tested through real subprocesses. What a run changes in this process is undone:
-    the environment variables that seeding and train.py set, and PyTorch's deterministic-algorithms switch.
+    A fresh interpreter spends 4 to 8 seconds here importing torch and Lightning before it does anything;
+    most of the suite's script runs need nothing that only a process of their own gives. Signals, kills,
+    exit codes and DDP are tested in processes of their own (``ForkedRun``, ``run_script``). What a run
+    changes in this process is undone: the environment variables that seeding and train.py set, and
+    PyTorch's deterministic-algorithms switch.
     Lightning's log lines reach the captured stderr as they reach a terminal's (under pytest they would
     otherwise go to pytest's log capture), so a test of "one line" sees them too.
     """
@@ -73,6 +74,72 @@ def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
         finally:
             torch.use_deterministic_algorithms(deterministic[0], warn_only=deterministic[1])
     return subprocess.CompletedProcess([script, *arguments], code, out.getvalue(), err.getvalue())
+
+
+# What a forked run finds already imported: nearly all of a fresh interpreter's start-up time.
+WARM_MODULES = ["torch", "torchvision", "pytorch_lightning", "torchmetrics", "tensorboard"]
+
+
+def _forkserver():
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(WARM_MODULES)
+    return context
+
+
+def _run_as_main(script: str, arguments: list[str], cwd: str, stdout_path: str, stderr_path: str) -> None:
+    """In the forked child: ``python SCRIPT ARGUMENTS`` as far as the script can tell (fds 1 and 2 onto files,
+    Python's own SIGINT and SIGTERM handling, ``sys.argv``, ``__main__``); its ``sys.exit`` code is the exit code."""
+    import runpy
+    import signal
+    import traceback
+
+    for fd, path in ((1, stdout_path), (2, stderr_path)):
+        file = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        os.dup2(file, fd)
+        os.close(file)
+    sys.stdout.reconfigure(line_buffering=True)  # as PYTHONUNBUFFERED: what was printed survives a kill
+    sys.stderr.reconfigure(line_buffering=True)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.chdir(cwd)
+    sys.argv = [script, *arguments]
+    sys.path.insert(0, str(Path(script).parent))
+    try:
+        runpy.run_path(script, run_name="__main__")
+    except KeyboardInterrupt:  # as Python ends on a Ctrl-C nothing caught: the traceback, then killed by SIGINT
+        traceback.print_exc()
+        sys.stderr.flush()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+def run_forked(script: str | Path, *args, output_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python SCRIPT ARGS`` in a process of its own, forked from one that has imported torch and Lightning.
+
+    A fresh interpreter spends 4 to 8 seconds here on those imports. The child is a separate process: a
+    signal it gets or sends itself is real, and it ends with the script's exit code, or minus the signal
+    that killed it, as ``subprocess.run`` reports them; its output lands in ``output_dir``. Unlike a fresh
+    interpreter it runs no ``atexit`` handlers, so tests of the start-up itself, and of a whole
+    interpreter's exit, keep ``run_script``.
+    """
+    output_dir.mkdir(parents=True, exist_ok=True)
+    script = Path(script) if Path(script).is_absolute() else ROOT / script
+    arguments = [str(argument) for argument in args]
+    stdout_path, stderr_path = output_dir / f"{script.stem}.stdout", output_dir / f"{script.stem}.stderr"
+    process = _forkserver().Process(
+        target=_run_as_main, args=(str(script), arguments, str(ROOT), str(stdout_path), str(stderr_path)))
+    process.start()
+    process.join(timeout)
+    timed_out = process.exitcode is None
+    if timed_out:
+        process.kill()
+        process.join()
+    stdout, stderr = (path.read_text(errors="replace") if path.exists() else "" for path in (stdout_path, stderr_path))
+    if timed_out:
+        raise subprocess.TimeoutExpired([str(script), *arguments], timeout, stdout, stderr)
+    return subprocess.CompletedProcess([str(script), *arguments], process.exitcode, stdout, stderr)
 
 
 def scalar_tags(run_dir: Path) -> dict[str, list[float]]:

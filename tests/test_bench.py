@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from cli import resolve_precision
-from tests.helpers import ROOT, assert_each_default_stated_once, assert_one_line_error, run_in_process, run_script
+from tests.helpers import ROOT, assert_each_default_stated_once, assert_one_line_error, run_in_process
 
 # three timed rounds: the quartiles of two values would be extrapolated beyond them
 TINY = ("--models", "resnet50_seed", "--steps", "3", "--warmup", "1", "--repeats", "1", "--batch-size", "8")

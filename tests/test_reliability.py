@@ -17,7 +17,7 @@ import torch
 from bench.runs import scalars
 from lit_modules.callbacks import MID_VALIDATION_RESTART
 from tests.conftest import DETERMINISTIC_RUN, TINY_RUN, deterministic_train
-from tests.helpers import ROOT, assert_one_line_error, run_in_process, run_script, scalar_tags
+from tests.helpers import ROOT, assert_one_line_error, run_forked, run_in_process, scalar_tags
 
 SMALL = ("--model", "resnet50_seed", "--precision", "32-true", *TINY_RUN)
 
@@ -142,8 +142,7 @@ def test_hard_kill_mid_epoch_resumes_to_the_uninterrupted_result(deterministic_r
     logdir = tmp_path / "logs"
     common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *DETERMINISTIC_RUN]
     runner = fault_runner(tmp_path / "killed_train.py", "os.kill(os.getpid(), signal.SIGKILL)")
-    killed = subprocess.run([sys.executable, str(runner), *map(str, common), "--checkpoint-every-n-steps", "2"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    killed = run_forked(runner, *common, "--checkpoint-every-n-steps", "2", output_dir=tmp_path / "output")
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     last = logdir / "version_0" / "checkpoints" / "last.ckpt"
     saved = torch.load(last, map_location="cpu", weights_only=True)  # whole, never truncated
@@ -170,8 +169,7 @@ def test_crash_mid_epoch_is_recorded_and_resumes_to_the_planned_epochs(determini
     logdir = tmp_path / "logs"
     location = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir]
     runner = fault_runner(tmp_path / "crashing_train.py", "raise RuntimeError('disk controller fault')")
-    crashed = subprocess.run([sys.executable, str(runner), *map(str, location), *DETERMINISTIC_RUN],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    crashed = run_forked(runner, *location, *DETERMINISTIC_RUN, output_dir=tmp_path / "output")
     assert crashed.returncode == 1, crashed.stderr[-3000:]
     assert "RuntimeError: disk controller fault" in crashed.stderr  # a crash keeps its traceback
     last = logdir / "version_0" / "checkpoints" / "last.ckpt"
@@ -227,8 +225,7 @@ def test_stop_before_epoch_checkpoints_resumes_with_that_epochs_validation(deter
     logdir = tmp_path / "logs"
     runner = fault_runner(tmp_path / "stopped_train.py", fault, hook, f"{FIRST_EPOCH} and {when}")
     location = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir]
-    stopped = subprocess.run([sys.executable, str(runner), *map(str, location), *DETERMINISTIC_RUN],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    stopped = run_forked(runner, *location, *DETERMINISTIC_RUN, output_dir=tmp_path / "output")
     assert stopped.returncode == exit_code, stopped.stderr[-3000:]
     run_dir = logdir / "version_0"
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 3
@@ -253,8 +250,7 @@ def test_stop_during_the_final_test_is_an_interruption_and_the_resume_tests(dete
     logdir = tmp_path / "logs"
     runner = fault_runner(tmp_path / "stopped_train.py", fault, "on_test_batch_start", "True")
     location = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir]
-    stopped = subprocess.run([sys.executable, str(runner), *map(str, location), *DETERMINISTIC_RUN],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    stopped = run_forked(runner, *location, *DETERMINISTIC_RUN, output_dir=tmp_path / "output")
     assert stopped.returncode == exit_code, stopped.stderr[-3000:]
     assert "Test accuracy" not in stopped.stdout
     assert ("during the final test (training is complete; the resume only tests); resume with --ckpt-path"
@@ -273,9 +269,8 @@ def test_stop_before_the_first_step_says_there_is_nothing_to_resume(image_folder
     logdir = tmp_path / "logs"
     runner = fault_runner(tmp_path / "stopped_train.py", "os.kill(os.getpid(), signal.SIGTERM)",
                           "on_validation_batch_start", "trainer.sanity_checking")
-    stopped = subprocess.run([sys.executable, str(runner), "--data-dir", str(image_folder), "--cache-dir",
-                              str(tmp_path / "cache"), "--logdir", str(logdir), *DETERMINISTIC_RUN],
-                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    stopped = run_forked(runner, "--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir,
+                         *DETERMINISTIC_RUN, output_dir=tmp_path / "output")
     assert stopped.returncode == 143, stopped.stderr[-3000:]
     assert stopped.stderr.strip().splitlines()[-1] == (
         "train.py: stopped by SIGTERM before the first training step, so there is nothing to resume; "

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from tests.conftest import DETERMINISTIC_RUN, TINY_RUN
-from tests.helpers import assert_one_line_error, run_in_process, run_script, scalar_tags
+from tests.helpers import assert_one_line_error, run_in_process, scalar_tags
 
 def final_weights(run_dir):
     return torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
