@@ -88,9 +88,11 @@ def _forkserver():
     return context
 
 
-def _run_as_main(script: str, arguments: list[str], cwd: str, stdout_path: str, stderr_path: str) -> None:
+def _run_as_main(script: str, arguments: list[str], environment: dict[str, str], stdout_path: str,
+                 stderr_path: str) -> None:
     """In the forked child: ``python SCRIPT ARGUMENTS`` as far as the script can tell (fds 1 and 2 onto files,
-    Python's own SIGINT and SIGTERM handling, ``sys.argv``, ``__main__``); its ``sys.exit`` code is the exit code."""
+    Python's own SIGINT and SIGTERM handling, the caller's environment, ``sys.argv``, ``__main__``); its
+    ``sys.exit`` code is the exit code."""
     import runpy
     import signal
     import traceback
@@ -103,7 +105,9 @@ def _run_as_main(script: str, arguments: list[str], cwd: str, stdout_path: str, 
     sys.stderr.reconfigure(line_buffering=True)
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.chdir(cwd)
+    os.environ.clear()
+    os.environ.update(environment)
+    os.chdir(ROOT)
     sys.argv = [script, *arguments]
     sys.path.insert(0, str(Path(script).parent))
     try:
@@ -118,18 +122,19 @@ def _run_as_main(script: str, arguments: list[str], cwd: str, stdout_path: str, 
 def run_forked(script: str | Path, *args, output_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
     """``python SCRIPT ARGS`` in a process of its own, forked from one that has imported torch and Lightning.
 
-    A fresh interpreter spends 4 to 8 seconds here on those imports. The child is a separate process: a
-    signal it gets or sends itself is real, and it ends with the script's exit code, or minus the signal
-    that killed it, as ``subprocess.run`` reports them; its output lands in ``output_dir``. Unlike a fresh
-    interpreter it runs no ``atexit`` handlers, so tests of the start-up itself, and of a whole
-    interpreter's exit, keep ``run_script``.
+    A fresh interpreter spends 4 to 8 seconds here on those imports. The child is a separate process that
+    sees this process's environment as it is now: a signal it gets or sends itself is real, and it ends
+    with the script's exit code, or minus the signal that killed it, as ``subprocess.run`` reports them.
+    Its output lands in ``output_dir``. A run still going after ``timeout`` seconds is killed and raises
+    ``subprocess.TimeoutExpired``. Unlike a fresh interpreter it runs no ``atexit`` handlers, so tests of
+    the start-up itself, and of a whole interpreter's exit, keep ``run_script``.
     """
     output_dir.mkdir(parents=True, exist_ok=True)
     script = Path(script) if Path(script).is_absolute() else ROOT / script
     arguments = [str(argument) for argument in args]
     stdout_path, stderr_path = output_dir / f"{script.stem}.stdout", output_dir / f"{script.stem}.stderr"
     process = _forkserver().Process(
-        target=_run_as_main, args=(str(script), arguments, str(ROOT), str(stdout_path), str(stderr_path)))
+        target=_run_as_main, args=(str(script), arguments, dict(os.environ), str(stdout_path), str(stderr_path)))
     process.start()
     process.join(timeout)
     timed_out = process.exitcode is None

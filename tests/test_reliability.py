@@ -591,8 +591,10 @@ def without_launchers(monkeypatch) -> None:
 
 def test_several_nodes_without_a_launcher_are_refused_instead_of_waiting(image_folder, tmp_path, monkeypatch):
     without_launchers(monkeypatch)
-    result = run_in_process("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
-                            "--logdir", tmp_path / "logs", "--num-nodes", "2", *TINY_RUN)
+    # In a process of its own with a time limit: without the refusal it would wait for the other node for ever.
+    result = run_forked("train.py", "--data-dir", image_folder, "--cache-dir", tmp_path / "cache",
+                        "--logdir", tmp_path / "logs", "--num-nodes", "2", *TINY_RUN, output_dir=tmp_path / "output",
+                        timeout=120)
     assert_one_line_error(result, "--num-nodes 2 needs a launcher that starts train.py on every node",
                           "alone this process would wait for the others for ever")
     assert not list((tmp_path / "logs").glob("version_*"))
