@@ -137,8 +137,17 @@ def error_summary(error: BaseException) -> str:
 
 
 def require_file(path: str | Path) -> Path:
-    """``path`` as a Path, or a UserError at once when no such file exists (before any slow import)."""
+    """``path`` as a Path, or a UserError at once when no such file exists (before any slow import).
+
+    A folder, such as a run's ``version_N``, is answered with the checkpoints it holds.
+    """
     path = Path(path)
+    if path.is_dir():
+        message = f"{path} is a folder, not a file"
+        inside = sorted(path.glob("*.ckpt")) or sorted(path.glob("checkpoints/*.ckpt"))
+        if inside:
+            message += "; give one of its checkpoints: " + ", ".join(map(str, inside[:4])) + (", ..." if inside[4:] else "")
+        raise UserError(message)
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     return path

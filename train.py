@@ -285,10 +285,21 @@ def notices_held_until_accepted():
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
+RESNET_ONLY_FLAGS = ("stem", "zero_init_residual")
+
+
 def model_options(args) -> dict:
     if args.model.startswith("resnet"):
-        return {"stem": args.stem, "zero_init_residual": args.zero_init_residual}
+        return {dest: getattr(args, dest) for dest in RESNET_ONLY_FLAGS}
     return {}
+
+
+def check_model_flags(model: str, given: set[str]) -> None:
+    """Refuse a ResNet-only flag written for a network without a stem or residual blocks, rather than ignore it."""
+    named = [f"--{dest.replace('_', '-')}" for dest in RESNET_ONLY_FLAGS if dest in given]
+    if named and not model.startswith("resnet"):
+        raise UserError(f"{' and '.join(named)} only shape{'' if len(named) > 1 else 's'} the ResNets, not {model}; "
+                        f"leave {'them' if len(named) > 1 else 'it'} out")
 
 
 def estimated_checkpoint_bytes(num_parameters: int) -> int:
@@ -666,6 +677,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     devices = parse_devices(args.devices, args.accelerator)
     check_strategy(args.strategy)
     ckpt_path = resumed = None
+    given = given_flags(argv)
     if args.ckpt_path is not None:
         if args.init_from:
             raise UserError("--ckpt-path resumes a run and --init-from starts a new one; give only one")
@@ -673,8 +685,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         from lit_modules.checkpointing import read_lightning_checkpoint
 
         resumed = read_lightning_checkpoint(ckpt_path)
-        adopt_run_settings(args, given_flags(argv), resumed, ckpt_path)
+        adopt_run_settings(args, given, resumed, ckpt_path)
         logdir = Path(args.logdir)
+    check_model_flags(args.model, given)
     if args.init_from:
         require_file(args.init_from)
     check_devices(args.accelerator, devices)

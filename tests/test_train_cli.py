@@ -230,6 +230,9 @@ def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
         (["--ckpt-path", "missing.ckpt"], "missing.ckpt: no such file"),
         (["--init-from", "missing.pt"], "missing.pt: no such file"),
         (["--cutout", "33"], "--cutout: must be at most 32, the side of a CIFAR-10 image, got 33"),
+        (["--model", "vgg16", "--stem", "cifar"], "--stem only shapes the ResNets, not vgg16; leave it out"),
+        (["--model", "vgg16", "--stem", "imagenet", "--zero-init-residual", "false"],
+         "--stem and --zero-init-residual only shape the ResNets, not vgg16; leave them out"),
         # The folder holds 80 training and 30 test images: with 20 held out, 3 training batches of 16 and 2 test ones.
         (["--val-size", "80"], "--val-size 80 leaves none of the 80 training images to train on; use at most 79"),
         (["--val-size", "81"], "--val-size 81 leaves none of the 80 training images to train on; use at most 79"),

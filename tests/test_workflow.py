@@ -131,6 +131,22 @@ def test_evaluate_prints_and_writes_the_report(trained_run, best_checkpoint, ima
     assert data["test_time_flip"] is False and data["test_time_shift"] == 1 and np.array(data["confusion_matrix"]).sum() == 30
 
 
+@pytest.mark.parametrize("script", ["evaluate.py", "export.py", "train.py --ckpt-path"])
+def test_a_run_folder_for_a_checkpoint_is_answered_with_its_checkpoints(script, trained_run, tmp_path):
+    run_dir, _ = trained_run
+    checkpoints = ", ".join(str(path) for path in sorted((run_dir / "checkpoints").glob("*.ckpt")))
+    assert checkpoints.endswith("last.ckpt") and "best-epoch=" in checkpoints
+    name, *flag = script.split()
+    after = ["--format", "onnx", "--out", tmp_path / "model.onnx"] if name == "export.py" else []
+    for folder in (run_dir, run_dir / "checkpoints"):
+        result = run_in_process(name, *flag, folder, *after)
+        assert_one_line_error(result, f"{folder} is a folder, not a file; give one of its checkpoints: {checkpoints}")
+    empty = run_in_process(name, *flag, tmp_path, *after)
+    assert_one_line_error(empty, f"{tmp_path} is a folder, not a file")
+    assert "give one of its checkpoints" not in empty.stderr
+    assert sorted(tmp_path.iterdir()) == []
+
+
 def test_report_files_that_cannot_be_written_are_refused_before_the_work(best_checkpoint, trained_run, tmp_path):
     run_dir, _ = trained_run
     a_file = tmp_path / "notes.txt"
