@@ -92,17 +92,20 @@ class DeterministicRun:
     run_dir: Path
 
 
-def deterministic_train(image_folder, logdir, cache, in_subprocess: bool = False) -> DeterministicRun:
+def deterministic_train(image_folder, logdir, cache, in_own_process: bool = False) -> DeterministicRun:
     """One ``--deterministic`` train.py run of DETERMINISTIC_RUN: final weights, per-step losses, the printed test line.
 
-    In this process unless ``in_subprocess``: a fresh interpreter costs seconds of imports.
+    In this process unless ``in_own_process`` (forked: see ``tests.helpers.ForkedProcess``).
     """
     import torch
 
-    from tests.helpers import run_in_process, run_script, scalar_tags
+    from tests.helpers import run_forked, run_in_process, scalar_tags
 
-    run = run_script if in_subprocess else run_in_process
-    result = run("train.py", "--data-dir", image_folder, "--cache-dir", cache, "--logdir", logdir, *DETERMINISTIC_RUN)
+    arguments = ["--data-dir", image_folder, "--cache-dir", cache, "--logdir", logdir, *DETERMINISTIC_RUN]
+    if in_own_process:
+        result = run_forked("train.py", *arguments, output_dir=logdir.parent / "output")
+    else:
+        result = run_in_process("train.py", *arguments)
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = logdir / "version_0"
     weights = torch.load(run_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]

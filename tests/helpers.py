@@ -30,7 +30,7 @@ def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
 
     A fresh interpreter spends 4 to 8 seconds here importing torch and Lightning before it does anything;
     most of the suite's script runs need nothing that only a process of their own gives. Signals, kills,
-    exit codes and DDP are tested in processes of their own (``ForkedRun``, ``run_script``). What a run
+    exit codes and DDP are tested in processes of their own (``ForkedProcess``, ``run_script``). What a run
     changes in this process is undone: the environment variables that seeding and train.py set, and
     PyTorch's deterministic-algorithms switch.
     Lightning's log lines reach the captured stderr as they reach a terminal's (under pytest they would
@@ -119,32 +119,56 @@ def _run_as_main(script: str, arguments: list[str], environment: dict[str, str],
         os.kill(os.getpid(), signal.SIGINT)
 
 
-def run_forked(script: str | Path, *args, output_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+class ForkedProcess:
     """``python SCRIPT ARGS`` in a process of its own, forked from one that has imported torch and Lightning.
 
     A fresh interpreter spends 4 to 8 seconds here on those imports. The child is a separate process that
-    sees this process's environment as it is now: a signal it gets or sends itself is real, and it ends
-    with the script's exit code, or minus the signal that killed it, as ``subprocess.run`` reports them.
-    Its output lands in ``output_dir``. A run still going after ``timeout`` seconds is killed and raises
-    ``subprocess.TimeoutExpired``. Unlike a fresh interpreter it runs no ``atexit`` handlers, so tests of
-    the start-up itself, and of a whole interpreter's exit, keep ``run_script``.
+    sees this process's environment as it was at the start: a signal it gets or sends itself is real, and
+    it ends with the script's exit code, or minus the signal that killed it, as ``subprocess.Popen``
+    reports them (this class has the part of Popen's interface the tests use). Its output lands in
+    ``output_dir``. Unlike a fresh interpreter it runs no ``atexit`` handlers, so tests of the start-up
+    itself, and of a whole interpreter's exit, keep ``run_script``.
     """
-    output_dir.mkdir(parents=True, exist_ok=True)
-    script = Path(script) if Path(script).is_absolute() else ROOT / script
-    arguments = [str(argument) for argument in args]
-    stdout_path, stderr_path = output_dir / f"{script.stem}.stdout", output_dir / f"{script.stem}.stderr"
-    process = _forkserver().Process(
-        target=_run_as_main, args=(str(script), arguments, dict(os.environ), str(stdout_path), str(stderr_path)))
-    process.start()
-    process.join(timeout)
-    timed_out = process.exitcode is None
-    if timed_out:
-        process.kill()
-        process.join()
-    stdout, stderr = (path.read_text(errors="replace") if path.exists() else "" for path in (stdout_path, stderr_path))
-    if timed_out:
-        raise subprocess.TimeoutExpired([str(script), *arguments], timeout, stdout, stderr)
-    return subprocess.CompletedProcess([str(script), *arguments], process.exitcode, stdout, stderr)
+
+    def __init__(self, script: str | Path, *args, output_dir: Path):
+        output_dir.mkdir(parents=True, exist_ok=True)
+        script = Path(script) if Path(script).is_absolute() else ROOT / script
+        self.args = [str(script), *map(str, args)]
+        self._output = output_dir / f"{script.stem}.stdout", output_dir / f"{script.stem}.stderr"
+        self._process = _forkserver().Process(
+            target=_run_as_main, args=(self.args[0], self.args[1:], dict(os.environ), *map(str, self._output)))
+        self._process.start()
+        self.pid = self._process.pid
+
+    @property
+    def returncode(self) -> int | None:
+        return self._process.exitcode
+
+    def poll(self) -> int | None:
+        return self._process.exitcode
+
+    def send_signal(self, number: int) -> None:
+        os.kill(self.pid, number)
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the end and return (stdout, stderr); after ``timeout`` seconds, kill the run and raise
+        ``subprocess.TimeoutExpired``."""
+        self._process.join(timeout)
+        timed_out = self._process.exitcode is None
+        if timed_out:
+            self._process.kill()
+            self._process.join()
+        stdout, stderr = (path.read_text(errors="replace") if path.exists() else "" for path in self._output)
+        if timed_out:
+            raise subprocess.TimeoutExpired(self.args, timeout, stdout, stderr)
+        return stdout, stderr
+
+
+def run_forked(script: str | Path, *args, output_dir: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """A ``ForkedProcess`` to its end, as ``subprocess.run`` would report it."""
+    process = ForkedProcess(script, *args, output_dir=output_dir)
+    stdout, stderr = process.communicate(timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
 def scalar_tags(run_dir: Path) -> dict[str, list[float]]:

@@ -17,7 +17,7 @@ import torch
 from bench.runs import scalars
 from lit_modules.callbacks import MID_VALIDATION_RESTART
 from tests.conftest import DETERMINISTIC_RUN, TINY_RUN, deterministic_train
-from tests.helpers import ROOT, assert_one_line_error, run_forked, run_in_process, scalar_tags
+from tests.helpers import ROOT, ForkedProcess, assert_one_line_error, run_forked, run_in_process, scalar_tags
 
 SMALL = ("--model", "resnet50_seed", "--precision", "32-true", *TINY_RUN)
 
@@ -36,7 +36,7 @@ def start_training(*args, cwd=ROOT) -> subprocess.Popen:
     )
 
 
-def wait_for_step(checkpoint, step: int, process: subprocess.Popen, timeout: float = 180) -> int:
+def wait_for_step(checkpoint, step: int, process: subprocess.Popen | ForkedProcess, timeout: float = 180) -> int:
     """Poll until ``checkpoint`` holds a global step of at least ``step``; returns that step."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -76,13 +76,18 @@ def test_ctrl_c_while_a_checkpoint_is_written_takes_effect_after_the_write(tmp_p
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-@pytest.mark.parametrize("stop_signal, exit_code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_interrupted_run_resumes_to_the_planned_epoch_count(image_folder, tmp_path, stop_signal, exit_code):
+# A scheduler's SIGTERM reaches train.py as a shell starts it; Ctrl-C a run forked without the import wait.
+@pytest.mark.parametrize("stop_signal, exit_code, fresh_interpreter",
+                         [(signal.SIGTERM, 143, True), (signal.SIGINT, 130, False)], ids=["SIGTERM", "Ctrl-C"])
+def test_interrupted_run_resumes_to_the_planned_epoch_count(image_folder, tmp_path, stop_signal, exit_code,
+                                                            fresh_interpreter):
     logdir = tmp_path / "logs"
     planned_epochs = 2
     # Batches of 4 make epochs of 15 steps, so the signal sent after the periodic checkpoint at step 4 lands mid-epoch.
     common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *SMALL, "--batch-size", "4"]
-    process = start_training(*common, "--epochs", planned_epochs, "--checkpoint-every-n-steps", "4")
+    planned = [*common, "--epochs", planned_epochs, "--checkpoint-every-n-steps", "4"]
+    process = (start_training(*planned) if fresh_interpreter
+               else ForkedProcess("train.py", *planned, output_dir=tmp_path / "output"))
     last = logdir / "version_0" / "checkpoints" / "last.ckpt"
     seen = wait_for_step(last, 4, process)
     process.send_signal(stop_signal)
@@ -495,9 +500,9 @@ def test_gpu_without_a_gpu_is_one_line(image_folder, tmp_path):
 
 
 def test_deterministic_runs_are_bit_identical(deterministic_run, image_folder, tmp_path):
-    """The reference run (in the test process) and a run in a fresh interpreter."""
+    """The reference run (in the test process) and a run in a process of its own."""
     first, second = deterministic_run, deterministic_train(image_folder, tmp_path / "logs", tmp_path / "cache",
-                                                           in_subprocess=True)
+                                                           in_own_process=True)
     assert len(first.losses) == 6 and first.losses == second.losses and first.test_line == second.test_line
     assert all(torch.equal(first.weights[key], second.weights[key]) for key in first.weights)
 

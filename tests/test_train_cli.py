@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import SUMMARY_COUNTS_FLOPS, TINY_RUN
-from tests.helpers import ROOT, assert_each_default_stated_once, assert_one_line_error, run_in_process, run_script, scalar_tags
+from tests.helpers import ROOT, assert_each_default_stated_once, assert_one_line_error, run_forked, run_in_process, scalar_tags
 
 
 def printed_test_accuracy(stdout: str) -> float:
@@ -301,26 +301,25 @@ def make_unreadable_file(root):
     (root / "train" / "ship" / "0009.png").write_bytes(b"not a png")
 
 
-# The first case runs as the shell would (the exit code a user sees); the others call train.py's main directly.
+# The first case runs in a process of its own (the exit code a user sees); the others call train.py's main directly.
 @pytest.mark.parametrize(
-    "prepare, fragments, in_subprocess",
+    "prepare, fragments, in_own_process",
     [
         (lambda root: root.mkdir(), ["could not download CIFAR-10 into", "accepted layouts"], True),
         (make_nine_classes, ["found 9 class folders, missing truck", "accepted layouts"], False),
         (make_unreadable_file, ["ship/0009.png is not a readable image"], False),
     ],
 )
-def test_bad_data_gets_one_line_and_exit_2(tmp_path, prepare, fragments, in_subprocess, monkeypatch):
+def test_bad_data_gets_one_line_and_exit_2(tmp_path, prepare, fragments, in_own_process, monkeypatch):
     data = tmp_path / "data"
     prepare(data)
     arguments = ["--data-dir", data, "--cache-dir", tmp_path / "cache", "--logdir", tmp_path / "logs", *TINY_RUN]
     # An unreachable proxy keeps the download attempt offline even where a network exists.
-    offline = {"http_proxy": "http://127.0.0.1:9", "https_proxy": "http://127.0.0.1:9"}
-    if in_subprocess:
-        result = run_script("train.py", *arguments, env=offline)
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    if in_own_process:
+        result = run_forked("train.py", *arguments, output_dir=tmp_path / "output")
     else:
-        for name, value in offline.items():
-            monkeypatch.setenv(name, value)
         result = run_in_process("train.py", *arguments)
     assert_one_line_error(result, str(data), *fragments)
     assert not (tmp_path / "logs").exists()
