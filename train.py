@@ -285,21 +285,23 @@ def notices_held_until_accepted():
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
 
 
-RESNET_ONLY_FLAGS = ("stem", "zero_init_residual")
+MODEL_OPTION_FLAGS = ("stem", "zero_init_residual")  # the flags that become get_model options
 
 
 def model_options(args) -> dict:
+    """The options of ``args.model`` from the flags: the ResNets take them all, VGG-16 none."""
     if args.model.startswith("resnet"):
-        return {dest: getattr(args, dest) for dest in RESNET_ONLY_FLAGS}
+        return {dest: getattr(args, dest) for dest in MODEL_OPTION_FLAGS}
     return {}
 
 
-def check_model_flags(model: str, given: set[str]) -> None:
-    """Refuse a ResNet-only flag written for a network without a stem or residual blocks, rather than ignore it."""
-    named = [f"--{dest.replace('_', '-')}" for dest in RESNET_ONLY_FLAGS if dest in given]
-    if named and not model.startswith("resnet"):
-        raise UserError(f"{' and '.join(named)} only shape{'' if len(named) > 1 else 's'} the ResNets, not {model}; "
-                        f"leave {'them' if len(named) > 1 else 'it'} out")
+def check_model_flags(args, given: set[str]) -> None:
+    """Refuse a model flag written for a network that does not take it, rather than ignore it."""
+    taken = model_options(args)
+    named = [f"--{dest.replace('_', '-')}" for dest in MODEL_OPTION_FLAGS if dest in given and dest not in taken]
+    if named:
+        raise UserError(f"{' and '.join(named)} only shape{'' if len(named) > 1 else 's'} the ResNets, "
+                        f"not {args.model}; leave {'them' if len(named) > 1 else 'it'} out")
 
 
 def estimated_checkpoint_bytes(num_parameters: int) -> int:
@@ -687,7 +689,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         resumed = read_lightning_checkpoint(ckpt_path)
         adopt_run_settings(args, given, resumed, ckpt_path)
         logdir = Path(args.logdir)
-    check_model_flags(args.model, given)
+    check_model_flags(args, given)
     if args.init_from:
         require_file(args.init_from)
     check_devices(args.accelerator, devices)
