@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import subprocess
@@ -80,7 +81,9 @@ def run_in_process(script: str, *args) -> subprocess.CompletedProcess:
 WARM_MODULES = ["torch", "torchvision", "pytorch_lightning", "torchmetrics", "tensorboard"]
 
 
+@functools.cache
 def _forkserver():
+    """The forkserver context; its preload list takes effect when the server starts, at the first fork."""
     import multiprocessing
 
     context = multiprocessing.get_context("forkserver")
