@@ -56,18 +56,26 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see --help)\n")
 
 
+def parse_number(kind: type, text: str, requirement: str) -> int | float:
+    """``kind(text)``, or the flag's requirement in argparse's one-line error where ``text`` is no such number."""
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{requirement}, got {text}") from None
+
+
 def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
+    requirement = "must be a positive integer"
+    if parse_number(int, text, requirement) < 1:
+        raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
+    return int(text)
 
 
 def non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be zero or a positive integer, got {text}")
-    return value
+    requirement = "must be zero or a positive integer"
+    if parse_number(int, text, requirement) < 0:
+        raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
+    return int(text)
 
 
 def view_shift(text: str) -> int:
@@ -81,21 +89,21 @@ def view_shift(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
+    value = parse_number(float, text, "must be a positive number")
     if not (value > 0 and math.isfinite(value)):  # also refuses nan and inf
         raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
     return value
 
 
 def fraction(text: str) -> float:
-    value = float(text)
+    value = parse_number(float, text, "must be in [0, 1)")
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
     return value
 
 
 def non_negative_float(text: str) -> float:
-    value = float(text)
+    value = parse_number(float, text, "must be zero or positive")
     if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be zero or positive, got {text}")
     return value
@@ -103,7 +111,7 @@ def non_negative_float(text: str) -> float:
 
 def int_or_fraction(text: str) -> int | float:
     """Lightning's limit_*_batches: a whole number of batches or a fraction in [0, 1]."""
-    value = float(text)
+    value = parse_number(float, text, "must be a batch count or a fraction in [0, 1]")
     if not (value >= 0 and math.isfinite(value)):
         raise argparse.ArgumentTypeError(f"must be a batch count or a fraction in [0, 1], got {text}")
     if value.is_integer() and ("." not in text or value > 1):

@@ -21,7 +21,7 @@ import warnings
 from pathlib import Path
 from typing import Sequence
 
-from cli import ArgumentParser, UserError, check_output_file, error_summary, positive_float, require_file, run_main
+from cli import ArgumentParser, UserError, check_output_file, error_summary, parse_number, positive_float, require_file, run_main
 
 FORMATS = ("onnx", "torchscript")
 DEFAULT_OPSET = 17
@@ -29,7 +29,7 @@ OLDEST_OPSET = 11  # ONNX's Resize matches PyTorch's bilinear resize (a trained 
 
 
 def opset_version(text: str) -> int:
-    value = int(text)
+    value = parse_number(int, text, f"must be an integer of at least {OLDEST_OPSET}")
     if value < OLDEST_OPSET:
         raise argparse.ArgumentTypeError(f"must be at least {OLDEST_OPSET}, got {text}")
     return value

@@ -187,6 +187,12 @@ def test_a_reader_that_stops_early_ends_the_script_quietly():
         (["--model", "resnet18"], "invalid choice: 'resnet18'"),
         (["--epochs", "-1"], "--epochs: must be a positive integer"),
         (["--epochs", "0"], "--epochs: must be a positive integer"),
+        (["--epochs", "1.5"], "--epochs: must be a positive integer, got 1.5"),
+        (["--seed", "x"], "--seed: must be zero or a positive integer, got x"),
+        (["--lr", "fast"], "--lr: must be a positive number, got fast"),
+        (["--momentum", "high"], "--momentum: must be in [0, 1), got high"),
+        (["--weight-decay", "none"], "--weight-decay: must be zero or positive, got none"),
+        (["--limit-val-batches", "all"], "--limit-val-batches: must be a batch count or a fraction in [0, 1], got all"),
         (["--batch-size", "0"], "--batch-size: must be a positive integer"),
         (["--lr", "0"], "--lr: must be a positive number"),
         (["--lr", "nan"], "--lr: must be a positive number"),
@@ -215,6 +221,18 @@ def test_bad_flag_values_get_one_line_and_exit_2(args, fragment, capsys):
     assert stopped.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and fragment in lines[0]
+
+
+@pytest.mark.parametrize("opset, fragment", [("seventeen", "must be an integer of at least 11, got seventeen"),
+                                              ("10", "must be at least 11, got 10")])
+def test_an_opset_that_is_no_number_or_too_old_is_refused_while_parsing(opset, fragment, capsys):
+    import export
+
+    with pytest.raises(SystemExit) as stopped:
+        export.build_parser().parse_args(["model.ckpt", "--format", "onnx", "--out", "model.onnx", "--opset", opset])
+    assert stopped.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and f"--opset: {fragment}" in lines[0]
 
 
 @pytest.mark.parametrize(
