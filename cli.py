@@ -64,18 +64,20 @@ def parse_number(kind: type, text: str, requirement: str) -> int | float:
         raise argparse.ArgumentTypeError(f"{requirement}, got {text}") from None
 
 
-def positive_int(text: str) -> int:
-    requirement = "must be a positive integer"
-    if parse_number(int, text, requirement) < 1:
+def checked_number(kind: type, text: str, requirement: str, accepted) -> int | float:
+    """``kind(text)`` where it parses and ``accepted(value)`` holds; else one error line stating the requirement."""
+    value = parse_number(kind, text, requirement)
+    if not accepted(value):
         raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
-    return int(text)
+    return value
+
+
+def positive_int(text: str) -> int:
+    return checked_number(int, text, "must be a positive integer", lambda value: value >= 1)
 
 
 def non_negative_int(text: str) -> int:
-    requirement = "must be zero or a positive integer"
-    if parse_number(int, text, requirement) < 0:
-        raise argparse.ArgumentTypeError(f"{requirement}, got {text}")
-    return int(text)
+    return checked_number(int, text, "must be zero or a positive integer", lambda value: value >= 0)
 
 
 def view_shift(text: str) -> int:
@@ -89,31 +91,22 @@ def view_shift(text: str) -> int:
 
 
 def positive_float(text: str) -> float:
-    value = parse_number(float, text, "must be a positive number")
-    if not (value > 0 and math.isfinite(value)):  # also refuses nan and inf
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text}")
-    return value
+    # "> 0" and isfinite also refuse nan and inf
+    return checked_number(float, text, "must be a positive number", lambda value: value > 0 and math.isfinite(value))
 
 
 def fraction(text: str) -> float:
-    value = parse_number(float, text, "must be in [0, 1)")
-    if not 0 <= value < 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
-    return value
+    return checked_number(float, text, "must be in [0, 1)", lambda value: 0 <= value < 1)
 
 
 def non_negative_float(text: str) -> float:
-    value = parse_number(float, text, "must be zero or positive")
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be zero or positive, got {text}")
-    return value
+    return checked_number(float, text, "must be zero or positive", lambda value: value >= 0 and math.isfinite(value))
 
 
 def int_or_fraction(text: str) -> int | float:
     """Lightning's limit_*_batches: a whole number of batches or a fraction in [0, 1]."""
-    value = parse_number(float, text, "must be a batch count or a fraction in [0, 1]")
-    if not (value >= 0 and math.isfinite(value)):
-        raise argparse.ArgumentTypeError(f"must be a batch count or a fraction in [0, 1], got {text}")
+    value = checked_number(float, text, "must be a batch count or a fraction in [0, 1]",
+                           lambda value: value >= 0 and math.isfinite(value))
     if value.is_integer() and ("." not in text or value > 1):
         return int(value)
     if value > 1:

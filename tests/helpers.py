@@ -148,7 +148,7 @@ class ForkedProcess:
         return self._process.exitcode
 
     def poll(self) -> int | None:
-        return self._process.exitcode
+        return self.returncode
 
     def send_signal(self, number: int) -> None:
         os.kill(self.pid, number)
