@@ -35,9 +35,11 @@ exactly the batches, augmented exactly as, the uninterrupted run would have.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
+import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -176,15 +178,31 @@ def load_image_folder(data_dir: Path, cache_dir: Path | None) -> dict[str, torch
         arrays[f"{split}_images"] = decode_images([path for path, _ in samples])
         arrays[f"{split}_labels"] = torch.tensor([label for _, label in samples], dtype=torch.long)
     if cache_file is not None:
-        try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            partial = cache_file.with_suffix(f".tmp{os.getpid()}")
-            torch.save(arrays, partial)
-            os.replace(partial, cache_file)
-            remove_stale_cache_files(cache_file)
-        except OSError:  # a read-only cache location only costs speed next time
-            pass
+        save_cache(arrays, cache_file)
     return arrays
+
+
+def save_cache(arrays: dict[str, torch.Tensor], cache_file: Path) -> None:
+    """Write ``cache_file`` whole or not at all, then delete the folder's stale entries.
+
+    A cache that cannot be written (a read-only or full disk) only costs the
+    decoding next time: one warning says so, the run goes on, and no partial
+    file is left to fill the disk.
+    """
+    partial = cache_file.with_suffix(f".tmp{os.getpid()}")
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(arrays, partial)
+        os.replace(partial, cache_file)
+    except (OSError, RuntimeError) as error:  # torch.save reports a failed write (a full disk) as RuntimeError
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
+        reason = error.strerror if isinstance(error, OSError) and error.strerror else "the write failed; is the disk full?"
+        warnings.warn(f"decoded images not cached in {cache_file.parent} ({reason}); they will be decoded again "
+                      "next time (--cache-dir chooses another folder)")
+        return
+    with contextlib.suppress(OSError):
+        remove_stale_cache_files(cache_file)
 
 
 def load_official(data_dir: Path, download: bool) -> dict[str, torch.Tensor]:

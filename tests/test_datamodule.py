@@ -1,3 +1,4 @@
+import re
 import urllib.request
 
 import pytest
@@ -196,6 +197,29 @@ def test_decoded_images_are_cached_outside_the_data_folder(tmp_path):
     load_cifar10(other, cache_dir=cache)
     assert len(list(cache.glob("cifar10-*.pt"))) == 2
     assert all(torch.equal(third[key], load_cifar10(data, cache_dir=cache)[key]) for key in third)
+
+
+@pytest.mark.parametrize("failure", ["unwritable folder", "full disk"])
+def test_a_cache_that_cannot_be_written_warns_and_leaves_no_partial_file(tmp_path, monkeypatch, failure):
+    data = write_image_folder(tmp_path / "data", 2, 1)
+    cache = tmp_path / "cache"
+    expected = load_cifar10(data, cache_dir=None)
+    if failure == "unwritable folder":
+        cache.write_text("a file where the cache folder should be")
+        reason = "File exists|Not a directory"
+    else:
+        def save_until_the_disk_is_full(arrays, path):  # as torch.save fails when the disk fills mid-write
+            with open(path, "wb") as partial:
+                partial.write(b"the first bytes")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1088 vs 982")
+
+        monkeypatch.setattr(torch, "save", save_until_the_disk_is_full)
+        reason = "the write failed; is the disk full"
+    with pytest.warns(UserWarning, match=f"decoded images not cached in {re.escape(str(cache))} \\(({reason}).*decoded again next time"):
+        arrays = load_cifar10(data, cache_dir=cache)
+    assert all(torch.equal(arrays[key], expected[key]) for key in expected)
+    if failure == "full disk":
+        assert cache.is_dir() and not any(cache.iterdir())  # the partial file is gone
 
 
 def test_no_data_and_no_network_is_a_clear_error(tmp_path, monkeypatch):
