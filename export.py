@@ -14,6 +14,7 @@ PyTorch model; a difference above ``--tolerance`` is an error.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -47,35 +48,42 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
-def export_torchscript(model, path: Path, class_names: list[str]) -> None:
+# Both exporters return the file's bytes and main writes them: torch.jit.save aborts the whole process when
+# the disk fills under it, and the ONNX exporter's write errors would read as its errors for an opset.
+
+
+def export_torchscript(model, class_names: list[str]) -> bytes:
     import torch
 
     example = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         traced = torch.jit.trace(model, example)
-    torch.jit.save(traced, str(path), _extra_files={"class_names.json": json.dumps(class_names)})
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer, _extra_files={"class_names.json": json.dumps(class_names)})
+    return buffer.getvalue()
 
 
-def export_onnx(model, path: Path, class_names: list[str], opset: int) -> None:
+def export_onnx(model, class_names: list[str], opset: int) -> bytes:
     import onnx
     import torch
 
     example = torch.randn(2, 3, 32, 32)
+    buffer = io.BytesIO()
     with torch.no_grad():
         torch.onnx.export(
             model,
             (example,),
-            str(path),
+            buffer,
             input_names=["images"],
             output_names=["logits"],
             dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}},
             opset_version=opset,
             dynamo=False,
         )
-    proto = onnx.load(str(path))
+    proto = onnx.load_from_string(buffer.getvalue())
     entry = proto.metadata_props.add()
     entry.key, entry.value = "class_names", json.dumps(class_names)
-    onnx.save(proto, str(path))
+    return proto.SerializeToString()
 
 
 def run_export(path: Path, export_format: str, images):
@@ -118,12 +126,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
             if args.format == "onnx":
                 try:
-                    export_onnx(model, temporary, module.class_names, args.opset)
+                    exported = export_onnx(model, module.class_names, args.opset)
                 except Exception as error:  # the exporter's errors for an opset it cannot serve vary in type
                     raise UserError(f"the ONNX export failed at --opset {args.opset} ({error_summary(error)}); "
                                     f"the default {DEFAULT_OPSET} works") from None
             else:
-                export_torchscript(model, temporary, module.class_names)
+                exported = export_torchscript(model, module.class_names)
+            try:
+                temporary.write_bytes(exported)
+            except OSError as error:
+                raise UserError(f"--out {out}: could not write it ({error.strerror or error}); "
+                                "free some space or choose another folder") from None
             worst = 0.0
             for batch_size in (1, 5):
                 images = torch.randn(batch_size, 3, 32, 32, generator=torch.Generator().manual_seed(batch_size))

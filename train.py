@@ -701,6 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from datamodules import CIFAR10DataModule
     from datamodules.cifar10 import default_cache_dir
     from lit_modules.callbacks import EMA_SUPPORTED, StopOnDivergence
+    from lit_modules.checkpointing import CheckpointNotWritten
 
     if args.ema_decay and not EMA_SUPPORTED:
         raise UserError(f"--ema-decay needs pytorch-lightning 2.6 or newer; this is {pl.__version__}")
@@ -776,14 +777,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "launches": [*map(mark_killed, launch_history(earlier)), launch],
     }
 
-    def record(status: str, **results) -> None:
-        """Write the run's outcome; an ``error`` is also kept on this launch, where a later resume still shows it."""
+    def record(status: str, quiet: bool = False, **results) -> None:
+        """Write the run's outcome; an ``error`` is also kept on this launch, where a later resume still shows it.
+
+        A disk that refuses the write (full, say) gets one line on stderr, unless ``quiet``; what was to
+        be said next is said all the same.
+        """
         ended = now()
         outcome = {"status": status, "ended": ended}
         if "error" in results:
             outcome["error"] = results["error"]
         launches = [*run_info["launches"][:-1], {**launch, **outcome}]
-        write_json_atomic(run_info_path, {**run_info, **results, **outcome, "launches": launches})
+        try:
+            write_json_atomic(run_info_path, {**run_info, **results, **outcome, "launches": launches})
+        except OSError as error:
+            if not quiet:
+                print(f"train.py: could not mark the run {status} in {run_info_path} ({error.strerror or error})",
+                      file=sys.stderr)
 
     def record_failure(error: BaseException) -> None:
         """Mark the run ``failed`` with the error's first line, and say how to resume when training had begun."""
@@ -800,6 +810,16 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     # Our checkpoints hold only tensors and plain types; newer Lightning can load them without unpickling code.
     safe_load = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}
+
+    def checkpoint_not_written(error: CheckpointNotWritten) -> UserError:
+        """Mark the run ``failed`` and say what is kept and how to go on, in one line."""
+        if keeps_records:
+            record("failed", quiet=True, error=error_summary(error))
+        last = checkpoint_dir / "last.ckpt"
+        then = (f"resume with --ckpt-path {last}" if last.is_file() else "run the same command again")
+        remedy = "free some space" if error.disk_full else "fix the cause"
+        return UserError(f"{error}, so training stopped at step {trainer.global_step}; the checkpoints written "
+                         f"before are intact; {remedy} and {then}")
 
     def record_divergence(epoch: int, best: str) -> int:
         """Mark the run ``failed`` without testing it, and say what is left and what to change."""
@@ -841,6 +861,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             record_failure(stop)
             raise
         return record_stop()
+    except CheckpointNotWritten as error:
+        raise checkpoint_not_written(error) from error
     except Exception as error:
         record_failure(error)
         if ran_out_of_memory(error):

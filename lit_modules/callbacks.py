@@ -9,6 +9,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loops import evaluation_loop as _evaluation_loop
 
+from lit_modules.checkpointing import CheckpointNotWritten
+
 
 class PeriodicCheckpoint(pl.Callback):
     """Save a full (resumable) checkpoint to ``path`` every ``every_n_steps`` optimiser steps.
@@ -59,10 +61,13 @@ class CheckpointOnInterrupt(pl.Callback):
         self._saving_on_exception = False
 
     def on_exception(self, trainer: pl.Trainer, pl_module, exception: BaseException) -> None:
-        if trainer.state.fn == "fit" and trainer.global_step > 0:
+        # After a failed checkpoint write (a full disk) another write fails too; the last file written stays.
+        if trainer.state.fn == "fit" and trainer.global_step > 0 and not isinstance(exception, CheckpointNotWritten):
             self._saving_on_exception = True
             try:
                 trainer.save_checkpoint(self.path, weights_only=False)
+            except CheckpointNotWritten:
+                pass  # the stop goes on as it began, resumable from the last checkpoint written
             finally:
                 self._saving_on_exception = False
 

@@ -7,11 +7,14 @@ a checkpoint saved on a GPU loads anywhere and a file cannot run code.
 from __future__ import annotations
 
 import contextlib
+import errno
 import inspect
 import os
 import signal
 import tempfile
 import threading
+import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +35,52 @@ class CheckpointError(UserError, ValueError):
     """A checkpoint that cannot be used, with a one-line reason."""
 
 
+class CheckpointNotWritten(Exception):
+    """A checkpoint write that failed (a full disk, say); the file it was to replace is as it was."""
+
+    def __init__(self, path: Path, cause: OSError) -> None:
+        super().__init__(f"could not write the checkpoint {path} ({cause.strerror or cause})")
+        self.path = path
+        self.disk_full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def os_error_behind(error: BaseException) -> OSError | None:
+    """``error`` itself if it is an OSError, else the OSError it was raised while handling, if any.
+
+    ``torch.save`` reports a failed write (ENOSPC) as a RuntimeError of its archive writer,
+    raised while handling the OSError.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """Whether ``path`` is a zip archive holding TorchScript code, as ``torch.jit.save`` writes."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.split("/")[1:2] == ["code"] for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def read_checkpoint(path: str | Path) -> Any:
     """``torch.load`` on the CPU with ``weights_only=True``; unreadable files raise CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # refused below in plainer words
+            warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle of something else, plain text, ...
+        if is_torchscript_archive(path):
+            raise CheckpointError(f"{path} is a TorchScript archive (export.py's), not a train.py checkpoint; "
+                                  "give the .ckpt it was exported from (predict.py also runs .onnx exports)") from None
         # The first sentence of torch's reason: its longer messages go on to advice about unpickling code.
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".")
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
@@ -173,12 +214,24 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder, syncs it, then renames it into place.
 
     A kill while writing leaves the previous checkpoint intact (plus at most a
-    stray temporary file), never a truncated file under the real name. A Ctrl-C
-    while writing takes effect once the file is in place (:func:`ctrl_c_held`).
+    stray temporary file), never a truncated file under the real name. A write
+    that fails (a full disk) leaves it intact too, removes the temporary file and
+    raises :class:`CheckpointNotWritten`. A Ctrl-C while writing takes effect
+    once the file is in place (:func:`ctrl_c_held`).
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
         path = Path(path)
+        try:
+            self._write_atomically(checkpoint, path)
+        except (OSError, RuntimeError) as error:
+            disk_error = os_error_behind(error)
+            if disk_error is None:
+                raise
+            raise CheckpointNotWritten(path, disk_error) from error
+
+    @staticmethod
+    def _write_atomically(checkpoint: dict, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         umask = os.umask(0)

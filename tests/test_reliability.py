@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -434,6 +435,57 @@ def test_full_disk_is_refused_before_training(image_folder, tmp_path, monkeypatc
     assert list((tmp_path / "logs").iterdir()) == []
 
 
+def test_a_disk_that_fills_during_training_stops_in_one_line_and_the_run_resumes(image_folder, tmp_path, monkeypatch):
+    """The second periodic checkpoint (step 8) meets a full disk: one line, no partial file, last.ckpt of step 4."""
+    import errno
+
+    import lit_modules.checkpointing as checkpointing
+    import train
+
+    real_save = torch.save
+    checkpoint_writes = []
+
+    def save_until_the_disk_fills(obj, target, *args, **kwargs):
+        if isinstance(target, (str, Path)):  # the decoded-image cache, not a checkpoint
+            return real_save(obj, target, *args, **kwargs)
+        checkpoint_writes.append(target)
+        if len(checkpoint_writes) == 1:
+            return real_save(obj, target, *args, **kwargs)
+        target.write(b"PK\x03\x04 the first bytes")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    real_write_json = train.write_json_atomic
+
+    def write_json_until_the_disk_fills(path, data):  # run_info.json: only the record of the start fits
+        if data["status"] != "running":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write_json(path, data)
+
+    logdir = tmp_path / "logs"
+    common = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir, *SMALL]
+    monkeypatch.setattr(checkpointing.torch, "save", save_until_the_disk_fills)
+    monkeypatch.setattr(train, "write_json_atomic", write_json_until_the_disk_fills)
+    result = run_in_process("train.py", *common, "--batch-size", "4", "--epochs", "1", "--checkpoint-every-n-steps", "4")
+    checkpoints = logdir / "version_0" / "checkpoints"
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    *_, last_line = result.stderr.strip().splitlines()  # after what Lightning prints as training starts
+    assert last_line == (f"train.py: error: could not write the checkpoint {checkpoints / 'last.ckpt'} (No space left "
+                         "on device), so training stopped at step 8; the checkpoints written before are intact; free "
+                         f"some space and resume with --ckpt-path {checkpoints / 'last.ckpt'}")
+    assert len(checkpoint_writes) == 2  # no second try on the interrupt
+    assert [p.name for p in checkpoints.iterdir()] == ["last.ckpt"]  # no partial file
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 4
+
+    monkeypatch.setattr(checkpointing.torch, "save", real_save)  # space freed
+    monkeypatch.setattr(train, "write_json_atomic", real_write_json)
+    resumed = run_in_process("train.py", "--ckpt-path", checkpoints / "last.ckpt")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(checkpoints / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 15
+    run_info = json.loads((logdir / "version_0" / "run_info.json").read_text())
+    assert run_info["status"] == "finished"
+    assert [launch["status"] for launch in run_info["launches"]] == ["killed", "finished"]  # its end went unrecorded
+
+
 @pytest.fixture(scope="module")
 def bad_checkpoints(best_checkpoint, tmp_path_factory):
     folder = tmp_path_factory.mktemp("bad_checkpoints")
@@ -450,7 +502,12 @@ def bad_checkpoints(best_checkpoint, tmp_path_factory):
     checkpoint = torch.load(best_checkpoint, map_location="cpu", weights_only=True)
     checkpoint["hyper_parameters"]["model_name"] = "efficientnet_b0"
     torch.save(checkpoint, foreign)
-    return {"text": text, "markdown": markdown, "truncated": truncated, "plain": plain, "foreign": foreign}
+    torchscript = folder / "model.pt"  # as export.py --format torchscript writes
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation, which export.py quiets too
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(torchscript))
+    return {"text": text, "markdown": markdown, "truncated": truncated, "plain": plain, "foreign": foreign,
+            "torchscript": torchscript}
 
 
 FRAGMENTS = {
@@ -459,6 +516,7 @@ FRAGMENTS = {
     "truncated": "is not a readable PyTorch checkpoint",
     "plain": "is not a train.py checkpoint",
     "foreign": "unknown architecture 'efficientnet_b0'",
+    "torchscript": "is a TorchScript archive (export.py's), not a train.py checkpoint; give the .ckpt",
 }
 
 

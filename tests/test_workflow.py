@@ -1,6 +1,7 @@
 """Resume, fine-tune from weights, evaluate, predict, export, and what TensorBoard receives."""
 
 import json
+import os
 import re
 import warnings
 
@@ -307,6 +308,25 @@ def test_an_opset_the_exporter_cannot_serve_is_one_line_and_writes_nothing(best_
     out = tmp_path / "new" / "folders" / "model.onnx"
     result = run_in_process("export.py", best_checkpoint, "--format", "onnx", "--out", out, "--opset", "99")
     assert_one_line_error(result, "the ONNX export failed at --opset 99", "the default 17 works")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("export_format", ["onnx", "torchscript"])
+def test_a_full_disk_under_the_export_is_one_line_and_writes_nothing(best_checkpoint, tmp_path, monkeypatch,
+                                                                      export_format):
+    import errno
+    import pathlib
+
+    real_write_bytes = pathlib.Path.write_bytes
+
+    def full_disk(path, data):
+        real_write_bytes(path, data[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pathlib.Path, "write_bytes", full_disk)
+    out = tmp_path / "new" / f"model.{export_format}"
+    result = run_in_process("export.py", best_checkpoint, "--format", export_format, "--out", out)
+    assert_one_line_error(result, f"--out {out}: could not write it (No space left on device); free some space")
     assert list(tmp_path.iterdir()) == []
 
 
