@@ -701,7 +701,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from datamodules import CIFAR10DataModule
     from datamodules.cifar10 import default_cache_dir
     from lit_modules.callbacks import EMA_SUPPORTED, StopOnDivergence
-    from lit_modules.checkpointing import CheckpointNotWritten
+    from lit_modules.checkpointing import CheckpointNotWritten, remove_partial_checkpoints
 
     if args.ema_decay and not EMA_SUPPORTED:
         raise UserError(f"--ema-decay needs pytorch-lightning 2.6 or newer; this is {pl.__version__}")
@@ -807,6 +807,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if keeps_records:
         write_json_atomic(run_info_path, run_info)
+        if ckpt_path is not None:
+            partial = remove_partial_checkpoints(checkpoint_dir)
+            if partial:
+                print(f"Removed {len(partial)} partial checkpoint file{'s' if len(partial) > 1 else ''} that a kill "
+                      f"during a write left in {checkpoint_dir}")
 
     # Our checkpoints hold only tensors and plain types; newer Lightning can load them without unpickling code.
     safe_load = {"weights_only": True} if "weights_only" in inspect.signature(trainer.fit).parameters else {}

@@ -210,11 +210,28 @@ def ctrl_c_held():
         raise KeyboardInterrupt
 
 
+PARTIAL_CHECKPOINT_PATTERN = ".*.ckpt.*.tmp"  # AtomicCheckpointIO's temporary files
+
+
+def remove_partial_checkpoints(folder: Path) -> list[Path]:
+    """Delete the temporary files that checkpoint writes cut short by a kill (SIGKILL, power loss) left in ``folder``.
+
+    Only for a folder no live process writes to, such as a resumed run's before it trains again.
+    """
+    removed = []
+    for partial in sorted(Path(folder).glob(PARTIAL_CHECKPOINT_PATTERN)):
+        with contextlib.suppress(OSError):
+            partial.unlink()
+            removed.append(partial)
+    return removed
+
+
 class AtomicCheckpointIO(TorchCheckpointIO):
     """Writes each checkpoint to a temporary file in the same folder, syncs it, then renames it into place.
 
-    A kill while writing leaves the previous checkpoint intact (plus at most a
-    stray temporary file), never a truncated file under the real name. A write
+    A kill while writing leaves the previous checkpoint intact (plus a stray
+    temporary file, which :func:`remove_partial_checkpoints` clears when the run
+    resumes), never a truncated file under the real name. A write
     that fails (a full disk) leaves it intact too, removes the temporary file and
     raises :class:`CheckpointNotWritten`. A Ctrl-C while writing takes effect
     once the file is in place (:func:`ctrl_c_held`).

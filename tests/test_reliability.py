@@ -154,12 +154,16 @@ def test_hard_kill_mid_epoch_resumes_to_the_uninterrupted_result(deterministic_r
     saved = torch.load(last, map_location="cpu", weights_only=True)  # whole, never truncated
     assert (saved["global_step"], saved["epoch"]) == (4, 1)  # one of epoch 2's three batches done
     assert saved["loops"]["fit_loop"]["state_dict"]["combined_loader"] == [{"batches_done": 1}]
+    partial = last.parent / ".last.ckpt.k9x2qz7w.tmp"  # as a kill during a checkpoint write leaves
+    partial.write_bytes(b"PK\x03\x04 the first bytes")
 
     location = ["--data-dir", image_folder, "--cache-dir", tmp_path / "cache", "--logdir", logdir]
     resumed = run_in_process("train.py", *location, "--deterministic", "--log-every-n-steps", "1", "--progress-refresh", "0",
                              "--accelerator", "cpu", "--ckpt-path", "last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "not resumable" not in resumed.stderr
+    assert f"Removed 1 partial checkpoint file that a kill during a write left in {last.parent}" in resumed.stdout
+    assert not partial.exists()
     final = torch.load(last, map_location="cpu", weights_only=True)
     assert final["global_step"] == 6
     assert all(torch.equal(final["state_dict"][key], reference_weights[key]) for key in reference_weights)
@@ -407,6 +411,18 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
         io.save_checkpoint({"state_dict": {"w": torch.zeros(3)}}, target)
     assert target.read_bytes() == original
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_only_the_partial_files_of_checkpoint_writes_are_removed(tmp_path):
+    from lit_modules.checkpointing import remove_partial_checkpoints
+
+    names = ["last.ckpt", "best-epoch=003.ckpt", ".last.ckpt.a1b2c3d4.tmp", ".best-epoch=004.ckpt.e5f6g7h8.tmp",
+             ".run_info.json.4242.tmp", "notes.tmp", ".hidden.ckpt"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"kept unless a partial checkpoint")
+    removed = remove_partial_checkpoints(tmp_path)
+    assert sorted(path.name for path in removed) == [".best-epoch=004.ckpt.e5f6g7h8.tmp", ".last.ckpt.a1b2c3d4.tmp"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == sorted(set(names) - {path.name for path in removed})
 
 
 def test_unwritable_logdir_is_refused_before_training(image_folder, tmp_path):
