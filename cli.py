@@ -137,6 +137,21 @@ def error_summary(error: BaseException) -> str:
     return type(error).__name__ + (f": {message.splitlines()[0]}" if message else "")
 
 
+def os_error_behind(error: BaseException) -> OSError | None:
+    """``error`` itself if it is an OSError, else the OSError it was raised while handling, if any.
+
+    ``torch.save`` reports a failed write (ENOSPC) as a RuntimeError of its archive writer,
+    raised while handling the OSError; the OSError holds the reason a person can act on.
+    """
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
+
+
 def require_file(path: str | Path) -> Path:
     """``path`` as a Path, or a UserError at once when no such file exists (before any slow import).
 

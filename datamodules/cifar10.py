@@ -50,7 +50,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Sampler, TensorDataset
 
-from cli import DEFAULT_DATA_DIR
+from cli import DEFAULT_DATA_DIR, os_error_behind
 from datamodules.errors import DataError
 from datamodules.transforms import normalize, train_augment
 
@@ -197,7 +197,8 @@ def save_cache(arrays: dict[str, torch.Tensor], cache_file: Path) -> None:
     except (OSError, RuntimeError) as error:  # torch.save reports a failed write (a full disk) as RuntimeError
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
-        reason = error.strerror if isinstance(error, OSError) and error.strerror else "the write failed; is the disk full?"
+        behind = os_error_behind(error)
+        reason = behind.strerror if behind is not None and behind.strerror else "the write failed; is the disk full?"
         warnings.warn(f"decoded images not cached in {cache_file.parent} ({reason}); they will be decoded again "
                       "next time (--cache-dir chooses another folder)")
         return

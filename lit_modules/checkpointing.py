@@ -22,7 +22,7 @@ import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 from torch import nn
 
-from cli import UserError
+from cli import UserError, os_error_behind
 from lit_modules.classifier import LitClassifier
 from models import list_models
 
@@ -42,21 +42,6 @@ class CheckpointNotWritten(Exception):
         super().__init__(f"could not write the checkpoint {path} ({cause.strerror or cause})")
         self.path = path
         self.disk_full = cause.errno in (errno.ENOSPC, errno.EDQUOT)
-
-
-def os_error_behind(error: BaseException) -> OSError | None:
-    """``error`` itself if it is an OSError, else the OSError it was raised while handling, if any.
-
-    ``torch.save`` reports a failed write (ENOSPC) as a RuntimeError of its archive writer,
-    raised while handling the OSError.
-    """
-    seen = set()
-    while error is not None and id(error) not in seen:
-        if isinstance(error, OSError):
-            return error
-        seen.add(id(error))
-        error = error.__cause__ or error.__context__
-    return None
 
 
 def is_torchscript_archive(path: Path) -> bool:
