@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display needed; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
@@ -37,8 +38,6 @@ def misclassified_figure(samples: list[tuple[Tensor, int, int]], class_names: li
 
     One canvas in one axes: 32 subplots would take about 1.5 s to draw here, at every test.
     """
-    import numpy as np
-
     rows = (len(samples) + columns - 1) // columns
     images = denormalize(torch.stack([image for image, _, _ in samples])).clamp(0, 1)
     side, gap, title = images.shape[-1], 4, 9  # pixels: an image, the gap between two, the title band above one
