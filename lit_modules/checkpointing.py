@@ -53,6 +53,16 @@ def is_torchscript_archive(path: Path) -> bool:
         return False
 
 
+def is_onnx_model(path: Path) -> bool:
+    """Whether ``path`` parses as an ONNX model with a graph, as ``export.py --format onnx`` writes."""
+    try:
+        import onnx
+
+        return len(onnx.load(str(path), load_external_data=False).graph.node) > 0
+    except Exception:  # not protobuf, not ONNX, or onnx not installed
+        return False
+
+
 def read_checkpoint(path: str | Path) -> Any:
     """``torch.load`` on the CPU with ``weights_only=True``; unreadable files raise CheckpointError."""
     path = Path(path)
@@ -66,6 +76,9 @@ def read_checkpoint(path: str | Path) -> Any:
         if is_torchscript_archive(path):
             raise CheckpointError(f"{path} is a TorchScript archive (export.py's), not a train.py checkpoint; "
                                   "give the .ckpt it was exported from (predict.py also runs .onnx exports)") from None
+        if is_onnx_model(path):
+            raise CheckpointError(f"{path} is an ONNX export (export.py's), not a train.py checkpoint; "
+                                  "give the .ckpt it was exported from (predict.py runs .onnx exports)") from None
         # The first sentence of torch's reason: its longer messages go on to advice about unpickling code.
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".")
         reason = reason if len(reason) <= 160 else reason[:157] + "..."

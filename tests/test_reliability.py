@@ -12,6 +12,7 @@ import time
 import warnings
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 
@@ -522,8 +523,13 @@ def bad_checkpoints(best_checkpoint, tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # TorchScript's deprecation, which export.py quiets too
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(torchscript))
+    onnx_export = folder / "model.onnx"  # as export.py --format onnx writes, but tiny
+    graph = onnx.helper.make_graph([onnx.helper.make_node("Relu", ["x"], ["y"])], "relu",
+                                   [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 2])],
+                                   [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 2])])
+    onnx.save(onnx.helper.make_model(graph, producer_name="pytorch"), onnx_export)
     return {"text": text, "markdown": markdown, "truncated": truncated, "plain": plain, "foreign": foreign,
-            "torchscript": torchscript}
+            "torchscript": torchscript, "onnx": onnx_export}
 
 
 FRAGMENTS = {
@@ -533,6 +539,7 @@ FRAGMENTS = {
     "plain": "is not a train.py checkpoint",
     "foreign": "unknown architecture 'efficientnet_b0'",
     "torchscript": "is a TorchScript archive (export.py's), not a train.py checkpoint; give the .ckpt",
+    "onnx": "is an ONNX export (export.py's), not a train.py checkpoint; give the .ckpt",
 }
 
 
