@@ -73,12 +73,10 @@ def read_checkpoint(path: str | Path) -> Any:
             warnings.filterwarnings("ignore", message=".*looks like a TorchScript archive")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, pickle of something else, plain text, ...
-        if is_torchscript_archive(path):
-            raise CheckpointError(f"{path} is a TorchScript archive (export.py's), not a train.py checkpoint; "
-                                  "give the .ckpt it was exported from (predict.py also runs .onnx exports)") from None
-        if is_onnx_model(path):
-            raise CheckpointError(f"{path} is an ONNX export (export.py's), not a train.py checkpoint; "
-                                  "give the .ckpt it was exported from (predict.py runs .onnx exports)") from None
+        for is_export, kind in ((is_torchscript_archive, "a TorchScript archive"), (is_onnx_model, "an ONNX export")):
+            if is_export(path):
+                raise CheckpointError(f"{path} is {kind} (export.py's), not a train.py checkpoint; "
+                                      "give the .ckpt it was exported from (predict.py runs .onnx exports)") from None
         # The first sentence of torch's reason: its longer messages go on to advice about unpickling code.
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0].split(". ")[0].rstrip(".")
         reason = reason if len(reason) <= 160 else reason[:157] + "..."
