@@ -72,6 +72,14 @@ def checked_number(kind: type, text: str, requirement: str, accepted) -> int | f
     return value
 
 
+def existing_folder(text: str) -> Path:
+    """``text`` as a Path where it names a folder; else argparse's one-line error (a mistyped run folder)."""
+    path = Path(text)
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{text}: {'a file, not a folder' if path.exists() else 'no such folder'}")
+    return path
+
+
 def positive_int(text: str) -> int:
     return checked_number(int, text, "must be a positive integer", lambda value: value >= 1)
 

@@ -15,12 +15,12 @@ from pathlib import Path
 from typing import Sequence
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-from cli import ArgumentParser, UserError, check_output_file, run_main
+from cli import ArgumentParser, UserError, check_output_file, existing_folder, run_main
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="lightning_logs/version_N folders")
+    parser.add_argument("runs", nargs="+", type=existing_folder, help="lightning_logs/version_N folders")
     parser.add_argument("--out", type=Path, default=Path("docs/val_acc_vs_time.png"), help="the PNG to write")
     parser.add_argument("--title", default="CIFAR-10 (JPEG copy): validation accuracy against wall time",
                         help="the figure's title")

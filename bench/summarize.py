@@ -6,11 +6,10 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 from typing import Sequence
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-from cli import ArgumentParser, UserError, run_main
+from cli import ArgumentParser, UserError, existing_folder, run_main
 
 
 def percent(value) -> str:
@@ -23,7 +22,7 @@ def cell(value) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("runs", nargs="+", type=Path, help="lightning_logs/version_N folders")
+    parser.add_argument("runs", nargs="+", type=existing_folder, help="lightning_logs/version_N folders")
     args = parser.parse_args(argv)
     from bench.common import markdown_table
     from bench.runs import run_summary

@@ -123,6 +123,8 @@ def test_help_answers_without_importing_torch(script, a_default):
         ("throughput", ["--batch-sweep", "128", "0"], "--batch-sweep: must be a positive integer, got 0"),
         ("throughput", ["--size-sweep", "32", "--batch-sweep", "128"], "--batch-sweep: not allowed with argument --size-sweep"),
         ("throughput", ["--matrix-size", "512"], "--matrix-size: only with --flop-rate"),
+        ("plot_results", ["no/such/run"], "argument runs: no/such/run: no such folder"),
+        ("summarize", ["README.md"], "argument runs: README.md: a file, not a folder"),
     ],
 )
 def test_bad_flags_get_one_line_and_exit_2(script, args, fragment):
