@@ -5,7 +5,8 @@
 Time runs from each run's start (run_info.json), so data loading and set-up
 count; a resumed run's pauses between launches do not. A star marks the test
 accuracy where the whole train.py run ended. Each label carries the run's date,
-since the same CPU has run at different speeds on different days.
+since the same CPU has run at different speeds on different days, and as much of
+the run folder's path as tells it from the other runs drawn.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from bench.runs import run_summary, running_minutes
+    from bench.runs import run_names, run_summary, running_minutes
 
     figure, axes = plt.subplots(figsize=(8, 5))
     # The default cycle repeats after 10 colours; 20 distinct ones, and dashes for VGG-16, keep every curve apart.
     # tab20 comes in dark/light pairs of one hue: the 10 dark ones first, so that neighbouring runs differ in hue.
     colours = plt.get_cmap("tab20").colors[0::2] + plt.get_cmap("tab20").colors[1::2]
     drawn, skipped = 0, []
-    for index, run_dir in enumerate(args.runs):
+    for index, (run_dir, name) in enumerate(zip(args.runs, run_names(args.runs))):
         summary = run_summary(run_dir)
         points = summary["val_acc_points"]
         if not points:  # not a run folder, or a run without validation (--val-size 0)
@@ -51,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         network = "vgg16" if is_vgg else f"{summary['model']} ({summary['stem']} stem)"
         day = summary["started"][:10] if summary["started"] else "date unknown"
         label = (f"{network}, {summary['input_size']} px, {summary['epochs']} epochs, lr {summary['lr']}"
-                 f" - {summary['run']}, {day}")
+                 f" - {name}, {day}")
         colour = colours[index % len(colours)]
         axes.plot(minutes, [100 * value for _, _, value in points], marker="o", markersize=3, label=label,
                   color=colour, linestyle="--" if is_vgg else "-")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
+from typing import Sequence
 
 from cli import RUN_INFO_TIME_FORMAT, launch_history
 from datamodules.cifar10 import IMAGE_SIZE
@@ -51,6 +53,27 @@ def running_spans(info: dict, series: dict[str, list[tuple[float, int, float]]])
 def running_minutes(spans: list[tuple[float, float]], wall: float) -> float:
     """Minutes of running time from the run's start up to the timestamp ``wall``."""
     return sum(max(0.0, min(wall, end) - start) for start, end in spans) / 60
+
+
+def run_names(run_dirs: Sequence[Path]) -> list[str]:
+    """A short name for each run folder: its last two path parts, more where two folders would read alike.
+
+    ["a/lightning_logs/version_1", "b/lightning_logs/version_1"] stay apart, where "lightning_logs/version_1" twice
+    would not; the same folder given twice keeps one name.
+    """
+    parts = [Path(os.path.abspath(run_dir)).parts for run_dir in run_dirs]
+    depths = [min(2, len(each)) for each in parts]
+    while True:
+        names = [Path(*each[len(each) - depth:]).as_posix() for each, depth in zip(parts, depths)]
+        alike = []  # folders whose name another, different folder shares, and that have parts left to show
+        for index, name in enumerate(names):
+            folders = {parts[other] for other, same in enumerate(names) if same == name}
+            if len(folders) > 1 and depths[index] < len(parts[index]):
+                alike.append(index)
+        if not alike:
+            return names
+        for index in alike:
+            depths[index] += 1
 
 
 def run_summary(run_dir: Path) -> dict:

@@ -25,10 +25,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("runs", nargs="+", type=existing_folder, help="lightning_logs/version_N folders")
     args = parser.parse_args(argv)
     from bench.common import markdown_table
-    from bench.runs import run_summary
+    from bench.runs import run_names, run_summary
 
     rows, skipped = [], []
-    for run_dir in args.runs:
+    for run_dir, name in zip(args.runs, run_names(args.runs)):
         s = run_summary(run_dir)
         if s["model"] is None and s["command"] is None:  # neither hparams.yaml nor run_info.json
             skipped.append(str(run_dir))
@@ -38,7 +38,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             cell(s["precision"]),
             "-" if s["wall_minutes"] is None else f"{s['wall_minutes']:.1f} min",
             "-" if s["median_epoch_seconds"] is None else f"{s['median_epoch_seconds']:.0f} s",
-            percent(s["best_val_acc"]), percent(s["test_acc"]), s["run"], f"`{s['command']}`" if s["command"] else "-",
+            percent(s["best_val_acc"]), percent(s["test_acc"]), name, f"`{s['command']}`" if s["command"] else "-",
         ])
     reason = "(no hparams.yaml or run_info.json)"
     if not rows:

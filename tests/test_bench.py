@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -130,3 +131,12 @@ def test_help_answers_without_importing_torch(script, a_default):
 def test_bad_flags_get_one_line_and_exit_2(script, args, fragment):
     result = run_in_process(f"bench/{script}.py", *args)
     assert_one_line_error(result, f"{script}.py: error: ", fragment)
+
+
+def test_run_names_show_as_much_of_each_path_as_tells_the_runs_apart():
+    from bench.runs import run_names
+
+    folders = [Path("a/lightning_logs/version_1"), Path("b/lightning_logs/version_1"), Path("lightning_logs/version_2"),
+               Path("lightning_logs/version_2"), Path("/version_3")]
+    assert run_names(folders) == ["a/lightning_logs/version_1", "b/lightning_logs/version_1",
+                                  "lightning_logs/version_2", "lightning_logs/version_2", "/version_3"]

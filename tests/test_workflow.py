@@ -388,6 +388,16 @@ def test_summarize_prints_a_row_per_run_and_refuses_folders_that_are_not_runs(tr
     assert header.startswith("| model |") and len(rows) == 1
     assert rows[0].startswith("| resnet50 | imagenet |") and "train.py" in rows[0]
 
+    # The same run reached through another ".../logs/version_0": the log column tells the two apart.
+    other_root = tmp_path / "other" / run_dir.parent.parent.name
+    other_root.mkdir(parents=True)
+    (other_root / "logs").symlink_to(run_dir.parent, target_is_directory=True)
+    both = run_in_process("bench/summarize.py", run_dir, other_root / "logs" / run_dir.name)
+    assert both.returncode == 0, both.stderr[-3000:]
+    first, second = both.stdout.strip().splitlines()[2:]
+    assert f"| {run_dir.parents[2].name}/{run_dir.parents[1].name}/logs/version_0 |" in first
+    assert f"| other/{run_dir.parents[1].name}/logs/version_0 |" in second
+
     nothing = run_in_process("bench/summarize.py", tmp_path)
     assert_one_line_error(nothing, f"summarize.py: error: {tmp_path} is not a train.py run folder")
     assert nothing.stdout == ""
