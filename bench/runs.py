@@ -93,7 +93,6 @@ def run_summary(run_dir: Path) -> dict:
     wall_minutes = sum(end - start for start, end in spans) / 60 if spans else None
     epoch_seconds = [value for _, _, value in series.get("perf/epoch_seconds", [])]
     return {
-        "run": f"{run_dir.parent.name}/{run_dir.name}",
         "model": hparams.get("model_name"),
         "stem": (hparams.get("model_options") or {}).get("stem", "-"),
         "optimizer": hparams.get("optimizer"),
