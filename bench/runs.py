@@ -65,11 +65,12 @@ def run_names(run_dirs: Sequence[Path]) -> list[str]:
     depths = [min(2, len(each)) for each in parts]
     while True:
         names = [Path(*each[len(each) - depth:]).as_posix() for each, depth in zip(parts, depths)]
-        alike = []  # folders whose name another, different folder shares, and that have parts left to show
-        for index, name in enumerate(names):
-            folders = {parts[other] for other, same in enumerate(names) if same == name}
-            if len(folders) > 1 and depths[index] < len(parts[index]):
-                alike.append(index)
+        folders_named: dict[str, set[tuple[str, ...]]] = {}
+        for name, each in zip(names, parts):
+            folders_named.setdefault(name, set()).add(each)
+        # folders whose name another, different folder shares, and that have parts left to show
+        alike = [index for index, name in enumerate(names)
+                 if len(folders_named[name]) > 1 and depths[index] < len(parts[index])]
         if not alike:
             return names
         for index in alike:
