@@ -9,11 +9,15 @@
 # then, on the GPU machine, from the project root (the archive carried along):
 #   bash bench/gpu_check.sh .gpu_data/cifar10-jpeg.tar.gz
 # A data folder works too: bash bench/gpu_check.sh ../shared/data/cifar10-jpeg
+# Flags after the data go to both train.py runs; ACCELERATOR=cpu with a few batches is a dry run of the script:
+#   ACCELERATOR=cpu EPOCHS=1 bash bench/gpu_check.sh DATA --limit-train-batches 2 --limit-val-batches 1 --limit-test-batches 1
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 source_data=${1:-.gpu_data/cifar10-jpeg.tar.gz}
+shift $(( $# > 0 ? 1 : 0 ))
 epochs=${EPOCHS:-5}
+accelerator=${ACCELERATOR:-gpu}
 work=${GPU_CHECK_DIR:-/tmp/gpu_check}
 python=${PYTHON:-python3}
 mkdir -p "$work"
@@ -25,13 +29,22 @@ else
   data=$work/cifar10-jpeg
 fi
 
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+if [ "$accelerator" = gpu ]; then
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+fi
 "$python" -c "import torch, torchvision, pytorch_lightning as pl; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| lightning', pl.__version__, '| cuda', torch.cuda.is_available())"
 
 for model in resnet50 vgg16; do
   start=$(date +%s)
-  "$python" train.py --model "$model" --accelerator gpu --devices 1 --data-dir "$data" --cache-dir "$work/cache" \
-    --logdir "$work/logs_$model" --epochs "$epochs" --progress-refresh 0 --checkpoint-every-n-steps 0 | tail -n 2
+  # The whole output stays in $work/$model.log; its end is shown, more of it when the run fails.
+  if ! "$python" train.py --model "$model" --accelerator "$accelerator" --devices 1 --data-dir "$data" \
+      --cache-dir "$work/cache" --logdir "$work/logs_$model" --epochs "$epochs" --progress-refresh 0 \
+      --checkpoint-every-n-steps 0 "$@" > "$work/$model.log" 2>&1; then
+    tail -n 20 "$work/$model.log"
+    echo "$model: train.py failed; whole output in $work/$model.log" >&2
+    exit 1
+  fi
+  tail -n 2 "$work/$model.log"
   echo "$model: whole run $(( $(date +%s) - start )) s"
 done
 
