@@ -302,12 +302,17 @@ def is_not_a_library_tip(record: logging.LogRecord) -> bool:
 
 
 def quiet_library_notices() -> None:
-    """Keep two lines that no user can act on out of the output of every run and benchmark.
+    """Keep lines that no user can act on, or should not, out of the output of every run and benchmark.
 
     Lightning 2.6 still builds ``LeafSpec`` objects, which recent torch releases
-    deprecate with a FutureWarning at each fit and test; and Lightning prints a
-    tip recommending an extra logging package whenever it is not installed.
-    Both filters are installed once however often this runs in one process.
+    deprecate with a FutureWarning at each fit and test; Lightning prints a tip
+    recommending an extra logging package whenever it is not installed; and on
+    a machine of more than two cores it suggests DataLoader workers for every
+    loader, where this project's images are already decoded in memory and
+    augmented a batch at a time on the training device, so workers would only
+    add copies between processes. The filters are installed once however often
+    this runs in one process.
     """
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers")
     logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(is_not_a_library_tip)

@@ -1,9 +1,11 @@
+import lightning_fabric.utilities.data
 import pytorch_lightning as pl
 import pytest
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities.model_summary import ModelSummary
 
+from cli import quiet_library_notices
 from datamodules import CIFAR10_MEAN, CIFAR10_STD, CIFAR10DataModule, normalize
 from lit_modules import LitClassifier
 from lit_modules.callbacks import EMA_SUPPORTED, ExponentialMovingAverage
@@ -31,6 +33,24 @@ def test_fast_dev_run_trains_validates_and_tests(image_folder, cache_dir, tmp_pa
     assert any(not torch.equal(b, p) for b, p in zip(before, module.model.parameters()))
     result = trainer.test(module, datamodule=datamodule, verbose=False)[0]
     assert {"test/loss", "test/acc", "test/acc_class/cat"} <= set(result) and 0.0 <= result["test/acc"] <= 1.0
+
+
+def test_worker_suggestion_is_dropped_on_a_machine_of_many_cores(image_folder, cache_dir, tmp_path, monkeypatch, recwarn):
+    """Lightning suggests DataLoader workers for each loader where more than two cores exist (a GPU machine, most
+    laptops); the images are in memory already, so quiet_library_notices drops the suggestion."""
+    monkeypatch.setattr(lightning_fabric.utilities.data, "_num_cpus_available", lambda: 16)
+    datamodule = CIFAR10DataModule(image_folder, batch_size=8, val_size=20, cache_dir=cache_dir)
+    module = LitClassifier("resnet50_seed")
+
+    def worker_suggestions() -> list[str]:
+        small_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1).fit(module, datamodule=datamodule)
+        suggestions = [str(w.message) for w in recwarn if "does not have many workers" in str(w.message)]
+        recwarn.clear()
+        return suggestions
+
+    assert len(worker_suggestions()) == 2  # the training and the validation loader
+    quiet_library_notices()
+    assert worker_suggestions() == []
 
 
 @pytest.mark.parametrize("precision, dtype", [("bf16-true", torch.bfloat16), ("64-true", torch.float64)])
