@@ -29,7 +29,7 @@ else
   data=$work/cifar10-jpeg
 fi
 
-if [ "$accelerator" = gpu ]; then
+if [ "$accelerator" != cpu ]; then  # gpu or cuda
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 fi
 "$python" -c "import torch, torchvision, pytorch_lightning as pl; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| lightning', pl.__version__, '| cuda', torch.cuda.is_available())"
