@@ -22,9 +22,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from cli import (DEFAULT_DATA_DIR, PRECISIONS, ArgumentParser, UserError, autocast_for, check_output_file, launch_history,
-                 positive_int, read_run_info, require_file, resolve_precision, run_main, str_to_bool, view_shift,
-                 write_json_atomic)
+from cli import (DEFAULT_DATA_DIR, PRECISIONS, ArgumentParser, UserError, autocast_for, check_output_file,
+                 emulated_bf16_warning, launch_history, positive_int, read_run_info, require_file, resolve_precision,
+                 run_main, str_to_bool, view_shift, write_json_atomic)
 
 
 def build_parser() -> ArgumentParser:
@@ -152,6 +152,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         module.hparams.test_time_shift = args.test_time_shift
     device = pick_device(args.device)
     precision = scoring_precision(args.precision, args.checkpoint, device)
+    slow_precision = emulated_bf16_warning(precision, device.type == "cpu")
+    if slow_precision:
+        print(f"evaluate.py: warning: {slow_precision}", file=sys.stderr, flush=True)
     datamodule = CIFAR10DataModule(data_dir, batch_size=args.batch_size, val_size=0, cache_dir=cache_dir)
     datamodule.setup("test")
     predicted, true = predict_labels(module, datamodule.test_dataloader(), device, precision)

@@ -33,6 +33,7 @@ from cli import (
     RUN_INFO_TIME_FORMAT,
     ArgumentParser,
     UserError,
+    emulated_bf16_warning,
     error_summary,
     fraction,
     int_or_fraction,
@@ -707,6 +708,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"--ema-decay needs pytorch-lightning 2.6 or newer; this is {pl.__version__}")
     pl.seed_everything(args.seed, workers=True, verbose=False)
     precision = resolve_precision(args.precision, args.accelerator)
+    slow_precision = emulated_bf16_warning(precision, trains_on_cpu(args.accelerator))
+    if slow_precision and not launched_as_later_rank():
+        print(f"train.py: warning: {slow_precision}", file=sys.stderr, flush=True)
     module = build_module(args, resumed, precision)
 
     datamodule = CIFAR10DataModule(

@@ -24,7 +24,7 @@ For each model, in one process:
       Trainer's cost is the difference between the two as a share of the plain step.
   Then plain-loop variants, again step by step in turn: fp32 against bf16 (where
   the CPU computes bf16 natively; elsewhere ``--precision auto`` trains in fp32
-  and the bf16 cells say so), and at that default precision channels-last on
+  and the bf16 cells say so, unless ``--emulated-bf16`` times the emulation), and at that default precision channels-last on
   against off, an exponential moving average of the weights updated every step
   (``--ema-decay``) against none, convolutions on tiny maps as one matrix product
   (``models.layers.Conv2d``, always on in train.py) against oneDNN's convolution for
@@ -81,6 +81,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--warmup", type=non_negative_int, default=3, help="untimed steps (rounds) before timing starts")
     parser.add_argument("--repeats", type=positive_int, default=3, help="fresh Trainers, each for --steps timed steps")
     parser.add_argument("--compile", action="store_true", help="also time the torch.compile'd model (minutes more)")
+    parser.add_argument("--emulated-bf16", action="store_true",
+                        help="on a CPU without bf16 instructions, time bf16 all the same (emulated: many times slower)")
     parser.add_argument("--input-size", type=positive_int, default=None, help="resize batches to this size (default: 32, as stored)")
     sweeps = parser.add_mutually_exclusive_group()
     sweeps.add_argument("--size-sweep", type=positive_int, nargs="+", default=None, metavar="SIZE",
@@ -140,9 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                   f"{median(trainer_own) * 1000:.1f}", f"{median(plain_own) * 1000:.1f}",
                                   f"{median(costs):.2%}"])
 
-            # The other levers are measured at train.py's default precision; bf16 only where it is native.
+            # The other levers are measured at train.py's default precision; bf16 where it is native or asked for.
             variants = {"fp32": PlainStep(model, "32-true", channels_last=True, input_size=args.input_size)}
-            if native_bf16:
+            if native_bf16 or args.emulated_bf16:
                 variants["bf16"] = PlainStep(model, "bf16-mixed", channels_last=True, input_size=args.input_size)
             variants["channels-first"] = PlainStep(model, precision, channels_last=False, input_size=args.input_size)
             variants["EMA"] = PlainStep(model, precision, channels_last=True, input_size=args.input_size,
@@ -159,8 +161,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             seconds, warmup_seconds = interleaved_step_seconds(variants, args.batch_size, args.steps * args.repeats,
                                                                args.warmup)
             speed = {name: median_step_throughput(steps, args.batch_size) for name, steps in seconds.items()}
-            bf16_cells = ([f"{speed['bf16']:.1f}", *ratio_cells(seconds["bf16"], seconds["fp32"])] if native_bf16
-                          else [NO_NATIVE_BF16, "-", "-"])
+            emulated = "" if native_bf16 else " (emulated)"
+            bf16_cells = ([f"{speed['bf16']:.1f}{emulated}", *ratio_cells(seconds["bf16"], seconds["fp32"])]
+                          if "bf16" in seconds else [NO_NATIVE_BF16, "-", "-"])
             lever_rows.append([model, f"{speed['fp32']:.1f}", *bf16_cells,
                                f"{speed['channels-first']:.1f}", *ratio_cells(seconds[default], seconds["channels-first"]),
                                f"{speed['EMA']:.1f}", *ratio_cells(seconds["EMA"], seconds[default]),

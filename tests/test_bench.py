@@ -58,6 +58,18 @@ def test_throughput_pairs_the_trainer_with_the_plain_loop_and_the_levers_step_by
     assert float(levers["weight grads as conv"]) > 0 and float(levers["weight grads matrix/conv"]) > 0
 
 
+def test_throughput_times_bf16_on_a_cpu_without_it_only_when_asked_and_marks_it_emulated():
+    result = run_in_process("bench/throughput.py", "--models", "resnet50_seed", "--steps", "2", "--warmup", "0",
+                            "--repeats", "1", "--batch-size", "4", "--emulated-bf16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    levers = table_rows(result.stdout)[1]
+    speed = levers["bf16"]
+    if resolve_precision("auto", "cpu") != "bf16-mixed":  # no bf16 instructions: timed, and said to be emulated
+        assert speed.endswith(" (emulated)")
+        speed = speed.removesuffix(" (emulated)")
+    assert float(speed) > 0 and float(levers["bf16/fp32"]) > 0
+
+
 def test_size_sweep_gives_the_first_size_a_cost_of_one():
     result = run_in_process("bench/throughput.py", *TINY, "--size-sweep", "32", "48")
     assert result.returncode == 0, result.stderr[-3000:]

@@ -82,6 +82,54 @@ def test_auto_input_size_upsamples_the_imagenet_stem_unless_a_cpu_trains_at_32_b
     assert train.resolve_input_size(train.build_parser().parse_args(args), precision) == size
 
 
+
+@pytest.mark.parametrize(
+    "precision, on_cpu, words, warns",
+    [
+        ("bf16-mixed", True, {"flags", "sse2", "avx2"}, True),
+        ("bf16-true", True, {"flags", "sse2", "avx2", "avx512f"}, True),
+        ("16-mixed", True, {"flags", "sse2", "avx2"}, True),  # Lightning trains it as bf16-mixed on a CPU
+        ("bf16-mixed", True, {"flags", "sse2", "avx512_bf16"}, False),
+        ("bf16-mixed", True, {"flags", "sse2", "amx_bf16"}, False),
+        ("32-true", True, {"flags", "sse2", "avx2"}, False),
+        ("bf16-mixed", False, {"flags", "sse2", "avx2"}, False),  # a GPU trains
+        ("bf16-mixed", True, {"Features", "asimd", "bf16"}, False),  # an Arm CPU: not judged by x86 flags
+        ("bf16-mixed", True, None, False),  # no /proc/cpuinfo to read
+    ],
+)
+def test_bf16_asked_of_a_cpu_without_bf16_instructions_is_warned_about(precision, on_cpu, words, warns, monkeypatch):
+    import cli
+
+    monkeypatch.setattr(cli, "cpu_flags", lambda: words)
+    warning = cli.emulated_bf16_warning(precision, on_cpu)
+    if warns:
+        assert f"--precision {precision}" in warning and "is emulated" in warning and "\n" not in warning
+    else:
+        assert warning is None
+
+
+def test_train_and_evaluate_warn_once_before_emulating_bf16(image_folder, best_checkpoint, tmp_path, monkeypatch):
+    import cli
+
+    monkeypatch.setattr(cli, "cpu_flags", lambda: {"flags", "sse2", "avx2"})  # an x86 CPU without bf16
+    result = run_in_process("train.py", "--model", "resnet50_seed", "--data-dir", image_folder,
+                            "--cache-dir", tmp_path / "cache", "--logdir", tmp_path / "logs", "--fast-dev-run",
+                            *TINY_RUN, "--precision", "bf16-mixed", "--input-size", "32")
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "warning: this CPU has no bf16" in line]
+    assert len(warnings) == 1 and warnings[0].startswith("train.py: warning:")
+    assert re.search(r"^Test accuracy: \d+\.\d\d %$", result.stdout, re.M)  # warned, and trained all the same
+
+    evaluation = run_in_process("evaluate.py", best_checkpoint, "--data-dir", image_folder, "--cache-dir",
+                                tmp_path / "cache", "--device", "cpu", "--precision", "bf16-mixed")
+    assert evaluation.returncode == 0, evaluation.stderr[-3000:]
+    assert [line for line in evaluation.stderr.splitlines() if "warning: this CPU has no bf16" in line] == [
+        f"evaluate.py: warning: {cli.emulated_bf16_warning('bf16-mixed', True)}"]
+
+    plain = run_in_process("evaluate.py", best_checkpoint, "--data-dir", image_folder, "--cache-dir",
+                           tmp_path / "cache", "--device", "cpu", "--precision", "32-true")
+    assert plain.returncode == 0 and "warning: this CPU" not in plain.stderr
+
 def test_the_run_records_the_input_size_auto_chose_for_its_precision(deterministic_run):
     """``auto`` on the CPU: 48x48 under bf16, the images' own 32x32 (recorded as null) at 32-bit."""
     run_dir = deterministic_run.run_dir
