@@ -206,7 +206,7 @@ def emulated_bf16_warning(precision: str, on_cpu: bool) -> str | None:
     flags = cpu_flags() if on_cpu and precision in asked else None
     if not flags or "sse2" not in flags or flags & set(NATIVE_BF16_FLAGS):  # sse2: every x86-64 CPU
         return None
-    return (f"this CPU has no bf16 instructions ({' or '.join(NATIVE_BF16_FLAGS)} in /proc/cpuinfo), so "
+    return (f"this CPU has no bf16 instructions (neither {' nor '.join(NATIVE_BF16_FLAGS)} in /proc/cpuinfo), so "
             f"--precision {asked[precision]} is emulated and many times slower than 32-true (12x for ResNet-50 "
             "on one such CPU); --precision auto chooses 32-true here")
 

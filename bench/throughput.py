@@ -24,9 +24,9 @@ For each model, in one process:
       Trainer's cost is the difference between the two as a share of the plain step.
   Then plain-loop variants, again step by step in turn: fp32 against bf16 (where
   the CPU computes bf16 natively; elsewhere ``--precision auto`` trains in fp32
-  and the bf16 cells say so, unless ``--emulated-bf16`` times the emulation), and at that default precision channels-last on
-  against off, an exponential moving average of the weights updated every step
-  (``--ema-decay``) against none, convolutions on tiny maps as one matrix product
+  and the bf16 cells say so, unless ``--emulated-bf16`` times the emulation), and
+  at that default precision channels-last on against off, an exponential moving
+  average of the weights updated every step (``--ema-decay``) against none, convolutions on tiny maps as one matrix product
   (``models.layers.Conv2d``, always on in train.py) against oneDNN's convolution for
   every map, 1x1 convolutions as matrix products (also always on) against oneDNN's,
   the weight gradients of convolutions with small output maps as one matrix product
