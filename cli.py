@@ -202,12 +202,12 @@ def emulated_bf16_warning(precision: str, on_cpu: bool) -> str | None:
     Only a readable ``/proc/cpuinfo`` of an x86 CPU is judged; elsewhere the flags say nothing.
     """
     # Lightning trains a CPU's 16-mixed as bf16-mixed (fp16 autocast is for GPUs).
-    asked = {"bf16-mixed": "bf16-mixed", "bf16-true": "bf16-true", "16-mixed": "16-mixed (bf16-mixed on a CPU)"}
-    flags = cpu_flags() if on_cpu and precision in asked else None
+    flags = cpu_flags() if on_cpu and precision in ("bf16-mixed", "bf16-true", "16-mixed") else None
     if not flags or "sse2" not in flags or flags & set(NATIVE_BF16_FLAGS):  # sse2: every x86-64 CPU
         return None
+    asked = "16-mixed (bf16-mixed on a CPU)" if precision == "16-mixed" else precision
     return (f"this CPU has no bf16 instructions (neither {' nor '.join(NATIVE_BF16_FLAGS)} in /proc/cpuinfo), so "
-            f"--precision {asked[precision]} is emulated and many times slower than 32-true (12x for ResNet-50 "
+            f"--precision {asked} is emulated and many times slower than 32-true (12x for ResNet-50 "
             "on one such CPU); --precision auto chooses 32-true here")
 
 

@@ -26,7 +26,8 @@ For each model, in one process:
   the CPU computes bf16 natively; elsewhere ``--precision auto`` trains in fp32
   and the bf16 cells say so, unless ``--emulated-bf16`` times the emulation), and
   at that default precision channels-last on against off, an exponential moving
-  average of the weights updated every step (``--ema-decay``) against none, convolutions on tiny maps as one matrix product
+  average of the weights updated every step (``--ema-decay``) against none,
+  convolutions on tiny maps as one matrix product
   (``models.layers.Conv2d``, always on in train.py) against oneDNN's convolution for
   every map, 1x1 convolutions as matrix products (also always on) against oneDNN's,
   the weight gradients of convolutions with small output maps as one matrix product

@@ -82,7 +82,6 @@ def test_auto_input_size_upsamples_the_imagenet_stem_unless_a_cpu_trains_at_32_b
     assert train.resolve_input_size(train.build_parser().parse_args(args), precision) == size
 
 
-
 @pytest.mark.parametrize(
     "precision, on_cpu, words, warns",
     [
@@ -129,6 +128,7 @@ def test_train_and_evaluate_warn_once_before_emulating_bf16(image_folder, best_c
     plain = run_in_process("evaluate.py", best_checkpoint, "--data-dir", image_folder, "--cache-dir",
                            tmp_path / "cache", "--device", "cpu", "--precision", "32-true")
     assert plain.returncode == 0 and "warning: this CPU" not in plain.stderr
+
 
 def test_the_run_records_the_input_size_auto_chose_for_its_precision(deterministic_run):
     """``auto`` on the CPU: 48x48 under bf16, the images' own 32x32 (recorded as null) at 32-bit."""
