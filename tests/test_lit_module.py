@@ -213,6 +213,49 @@ def test_onecycle_warms_up_then_decays(image_folder, cache_dir, tmp_path):
     assert trainer.optimizers[0].param_groups[0]["nesterov"] is True
 
 
+@pytest.mark.parametrize("stop_at_step", [None, 4])
+def test_per_step_scalars_are_written_with_their_own_step_values(image_folder, cache_dir, tmp_path, stop_at_step):
+    """train/loss_step and train/lr are logged only on the steps a logger writes (every log_every_n_steps, and the
+    step where a callback stops the run); each written value is that step's loss and the rate its update used."""
+    from bench.runs import scalars
+
+    datamodule = CIFAR10DataModule(image_folder, batch_size=8, val_size=20, cache_dir=cache_dir)
+    module = LitClassifier("resnet50_seed", lr=0.1)
+    losses, rates = [], []
+
+    class RecordAndStop(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            losses.append(float(outputs["loss"]))
+            if trainer.global_step == stop_at_step:
+                trainer.should_stop = True
+
+    logged_names, log = [], module.log
+
+    def counted_log(name, *args, **kwargs):
+        logged_names.append(name)
+        return log(name, *args, **kwargs)
+
+    module.log = counted_log
+    logger = pl.loggers.TensorBoardLogger(tmp_path, name="", default_hp_metric=False)
+    trainer = small_trainer(tmp_path, max_epochs=1, limit_val_batches=0, logger=logger, log_every_n_steps=3,
+                            callbacks=[RecordAndStop()])
+    trainer.fit(module, datamodule=datamodule)
+    series = {tag: {step: value for _, step, value in points} for tag, points in scalars(tmp_path / "version_0").items()}
+    written_steps = [2, 5] if stop_at_step is None else [2, 3]  # 7 batches; steps counted from 0
+    assert len(losses) == (7 if stop_at_step is None else 4) and len(set(losses)) == len(losses)
+    assert sorted(series["train/loss_step"]) == sorted(series["train/lr"]) == written_steps
+    for step in written_steps:
+        assert series["train/loss_step"][step] == pytest.approx(losses[step], rel=1e-6)
+        assert series["train/lr"][step] == pytest.approx(rates[step], rel=1e-6)
+    # the per-step scalars are logged on the written steps only, the accuracy once, at the epoch's end
+    assert logged_names.count("train/loss_step") == logged_names.count("train/lr") == len(written_steps)
+    assert logged_names.count("train/acc") == 1 and logged_names.count("train/loss_epoch") == len(losses)
+    assert len(series["train/loss_epoch"]) == len(series["train/acc"]) == 1
+
+
 def test_an_input_size_below_what_the_network_takes_is_refused():
     """VGG-16's five max-pools need 32x32; ResNet-50's strided convolutions take any size."""
     with pytest.raises(ValueError, match="input size 31 is too small for vgg16, which needs images of at least 32x32"):
