@@ -181,7 +181,8 @@ NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # the x86 CPU flags of native b
 
 
 def cpu_flags() -> set[str] | None:
-    """The words of ``/proc/cpuinfo`` (its ``flags`` lines among them), or None where it cannot be read."""
+    """The words of ``/proc/cpuinfo`` (its ``flags`` and ``vendor_id`` lines among them), or None where it cannot
+    be read."""
     try:
         return set(Path("/proc/cpuinfo").read_text().split())
     except OSError:
@@ -193,29 +194,47 @@ def cpu_supports_bf16() -> bool:
     return bool((cpu_flags() or set()) & set(NATIVE_BF16_FLAGS))
 
 
-def emulated_bf16_warning(precision: str, on_cpu: bool) -> str | None:
-    """A one-line warning where bf16 is asked of an x86 CPU without bf16 instructions, else None.
+def cpu_bf16_outpaces_fp32() -> bool:
+    """True where bf16-mixed trains faster than 32-true on this CPU, as far as its flags tell: AMX-BF16, or
+    AVX512-BF16 on an AMD CPU.
 
-    Results stay correct there, but every bf16 product is emulated: ResNet-50 trained 12x slower in
-    bf16-mixed than in fp32 on a 2-core AMD EPYC with AVX2 only (``bench/throughput.py --emulated-bf16``;
-    RESULTS.md, "A slower CPU without bf16: CPU family 23").
+    Native bf16 instructions alone are not enough. Side by side (``bench/throughput.py``), bf16-mixed trained
+    ResNet-50 1.5x and VGG-16 2.8x as fast as fp32 on an Intel Xeon with AMX, 1.7x to 2.2x and 1.8x on AMD
+    EPYCs with AVX512-BF16, but 0.80x and 0.82x on an Intel Xeon whose flags show AVX512-BF16 without AMX
+    (RESULTS.md, "An Intel Xeon with bf16 but without AMX").
+    """
+    flags = cpu_flags() or set()
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in flags)
+
+
+def slow_bf16_warning(precision: str, on_cpu: bool) -> str | None:
+    """A one-line warning where bf16 is asked of an x86 CPU that trains it slower than fp32, else None.
+
+    Results stay correct, only slower. Without bf16 instructions every bf16 product is emulated: ResNet-50
+    trained 12x slower in bf16-mixed than in fp32 on a 2-core AMD EPYC with AVX2 only (``bench/throughput.py
+    --emulated-bf16``; RESULTS.md, "A slower CPU without bf16: CPU family 23"). With AVX512-BF16 but neither
+    AMX nor an AMD vendor, see ``cpu_bf16_outpaces_fp32``.
     Only a readable ``/proc/cpuinfo`` of an x86 CPU is judged; elsewhere the flags say nothing.
     """
     # Lightning trains a CPU's 16-mixed as bf16-mixed (fp16 autocast is for GPUs).
     flags = cpu_flags() if on_cpu and precision in ("bf16-mixed", "bf16-true", "16-mixed") else None
-    if not flags or "sse2" not in flags or flags & set(NATIVE_BF16_FLAGS):  # sse2: every x86-64 CPU
+    if not flags or "sse2" not in flags or cpu_bf16_outpaces_fp32():  # sse2: every x86-64 CPU
         return None
     asked = "16-mixed (bf16-mixed on a CPU)" if precision == "16-mixed" else precision
-    return (f"this CPU has no bf16 instructions (neither {' nor '.join(NATIVE_BF16_FLAGS)} in /proc/cpuinfo), so "
-            f"--precision {asked} is emulated and many times slower than 32-true (12x for ResNet-50 "
-            "on one such CPU); --precision auto chooses 32-true here")
+    if not flags & set(NATIVE_BF16_FLAGS):
+        return (f"this CPU has no bf16 instructions (neither {' nor '.join(NATIVE_BF16_FLAGS)} in /proc/cpuinfo), "
+                f"so --precision {asked} is emulated and many times slower than 32-true (12x for ResNet-50 "
+                "on one such CPU); --precision auto chooses 32-true here")
+    return (f"this Intel CPU has avx512_bf16 but no amx_bf16 in /proc/cpuinfo, and --precision {asked} trained "
+            "slower than 32-true on such a CPU (0.8x for ResNet-50 and VGG-16); --precision auto chooses "
+            "32-true here")
 
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")  # --precision of train.py and evaluate.py
 
 
 def resolve_precision(precision: str, accelerator: str) -> str:
-    """``"auto"`` becomes ``"bf16-mixed"`` where the device computes bf16 natively, else ``"32-true"``."""
+    """``"auto"`` becomes ``"bf16-mixed"`` where the device trains bf16 faster than fp32, else ``"32-true"``."""
     if precision != "auto":
         return precision
     import torch
@@ -223,7 +242,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     wants_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if wants_gpu:
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    return "bf16-mixed" if cpu_supports_bf16() else "32-true"
+    return "bf16-mixed" if cpu_bf16_outpaces_fp32() else "32-true"
 
 
 def autocast_for(precision: str, device_type: str):

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Sequence
 
 from cli import (DEFAULT_DATA_DIR, PRECISIONS, ArgumentParser, UserError, autocast_for, check_output_file,
-                 emulated_bf16_warning, launch_history, positive_int, read_run_info, require_file, resolve_precision,
-                 run_main, str_to_bool, view_shift, write_json_atomic)
+                 launch_history, positive_int, read_run_info, require_file, resolve_precision, run_main,
+                 slow_bf16_warning, str_to_bool, view_shift, write_json_atomic)
 
 
 def build_parser() -> ArgumentParser:
@@ -41,8 +41,8 @@ def build_parser() -> ArgumentParser:
                         help="also average copies shifted by this many pixels each way (default: as the run tested)")
     parser.add_argument("--precision", default=None, choices=PRECISIONS,
                         help="as train.py's --precision (default: as the run tested, from the run_info.json of the "
-                             "checkpoint's run folder; where there is none, auto: bf16-mixed where the device computes "
-                             "bf16 natively, else 32-true)")
+                             "checkpoint's run folder; where there is none, auto: bf16-mixed where the device trains "
+                             "it faster than 32-true, else 32-true)")
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the results as JSON here")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser
@@ -152,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         module.hparams.test_time_shift = args.test_time_shift
     device = pick_device(args.device)
     precision = scoring_precision(args.precision, args.checkpoint, device)
-    slow_precision = emulated_bf16_warning(precision, device.type == "cpu")
+    slow_precision = slow_bf16_warning(precision, device.type == "cpu")
     if slow_precision:
         print(f"evaluate.py: warning: {slow_precision}", file=sys.stderr, flush=True)
     datamodule = CIFAR10DataModule(data_dir, batch_size=args.batch_size, val_size=0, cache_dir=cache_dir)

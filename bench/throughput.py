@@ -1,6 +1,6 @@
 """Training throughput: the Trainer against a plain PyTorch loop, and the speed levers, side by side.
 
-    python bench/throughput.py                       # resnet50 and vgg16, bf16, batch 128
+    python bench/throughput.py                       # resnet50 and vgg16, train.py's default precision, batch 128
     python bench/throughput.py --models vgg16 --repeats 5
     python bench/throughput.py --compile             # also torch.compile against eager
     python bench/throughput.py --input-size 48       # everything at the size train.py gives resnet50 in bf16
@@ -23,8 +23,9 @@ For each model, in one process:
       work) is a few milliseconds, free of the compute's variation, and the
       Trainer's cost is the difference between the two as a share of the plain step.
   Then plain-loop variants, again step by step in turn: fp32 against bf16 (where
-  the CPU computes bf16 natively; elsewhere ``--precision auto`` trains in fp32
-  and the bf16 cells say so, unless ``--emulated-bf16`` times the emulation), and
+  the CPU has bf16 instructions, even where ``--precision auto`` trains in fp32
+  because bf16 is slower there; without them the bf16 cells say so, unless
+  ``--emulated-bf16`` times the emulation), and
   at that default precision channels-last on against off, an exponential moving
   average of the weights updated every step (``--ema-decay``) against none,
   convolutions on tiny maps as one matrix product
@@ -56,7 +57,7 @@ import tempfile
 from typing import Sequence
 
 import _path  # noqa: F401  (puts the project root on sys.path)
-from cli import ArgumentParser, non_negative_int, positive_int, resolve_precision, run_main
+from cli import ArgumentParser, cpu_supports_bf16, non_negative_int, positive_int, resolve_precision, run_main
 
 DEFAULT_MATRIX_SIZE = 2048
 NO_NATIVE_BF16 = "no native bf16"  # the bf16 cell where this CPU has no bf16 instructions (auto picks fp32)
@@ -110,8 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     check_model_names(args.models)
     precision = resolve_precision("auto", "cpu")
-    native_bf16 = precision == "bf16-mixed"
-    default = "bf16" if native_bf16 else "fp32"  # the variant at train.py's default precision
+    native_bf16 = cpu_supports_bf16()  # timed beside fp32 even where auto picks fp32, which shows why it does
+    default = "bf16" if precision == "bf16-mixed" else "fp32"  # the variant at train.py's default precision
     if args.size_sweep:
         size_sweep(args, precision)
         return 0

@@ -88,8 +88,8 @@ def test_auto_input_size_upsamples_the_imagenet_stem_unless_a_cpu_trains_at_32_b
         ("bf16-mixed", True, {"flags", "sse2", "avx2"}, True),
         ("bf16-true", True, {"flags", "sse2", "avx2", "avx512f"}, True),
         ("16-mixed", True, {"flags", "sse2", "avx2"}, True),  # Lightning trains it as bf16-mixed on a CPU
-        ("bf16-mixed", True, {"flags", "sse2", "avx512_bf16"}, False),
-        ("bf16-mixed", True, {"flags", "sse2", "amx_bf16"}, False),
+        ("bf16-mixed", True, {"AuthenticAMD", "flags", "sse2", "avx512_bf16"}, False),
+        ("bf16-mixed", True, {"GenuineIntel", "flags", "sse2", "avx512_bf16", "amx_bf16"}, False),
         ("32-true", True, {"flags", "sse2", "avx2"}, False),
         ("bf16-mixed", False, {"flags", "sse2", "avx2"}, False),  # a GPU trains
         ("bf16-mixed", True, {"Features", "asimd", "bf16"}, False),  # an Arm CPU: not judged by x86 flags
@@ -100,11 +100,39 @@ def test_bf16_asked_of_a_cpu_without_bf16_instructions_is_warned_about(precision
     import cli
 
     monkeypatch.setattr(cli, "cpu_flags", lambda: words)
-    warning = cli.emulated_bf16_warning(precision, on_cpu)
+    warning = cli.slow_bf16_warning(precision, on_cpu)
     if warns:
         assert f"--precision {precision}" in warning and "is emulated" in warning and "\n" not in warning
     else:
         assert warning is None
+
+
+@pytest.mark.parametrize(
+    "words, precision",
+    [
+        ({"GenuineIntel", "flags", "sse2", "avx512_bf16", "amx_bf16"}, "bf16-mixed"),  # Intel Xeon with AMX
+        ({"AuthenticAMD", "flags", "sse2", "avx512_bf16"}, "bf16-mixed"),  # AMD EPYC with AVX512-BF16
+        ({"GenuineIntel", "flags", "sse2", "avx512_bf16"}, "32-true"),  # Intel Xeon, AMX hidden: bf16 is slower
+        ({"AuthenticAMD", "flags", "sse2", "avx2"}, "32-true"),  # no bf16 instructions
+        (None, "32-true"),  # no /proc/cpuinfo to read
+    ],
+)
+def test_auto_precision_on_a_cpu_is_bf16_only_where_bf16_trains_faster(words, precision, monkeypatch):
+    import cli
+
+    monkeypatch.setattr(cli, "cpu_flags", lambda: words)
+    assert cli.resolve_precision("auto", "cpu") == precision
+    assert cli.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # asked for: kept
+
+
+def test_bf16_asked_of_an_intel_cpu_with_avx512_bf16_but_no_amx_is_warned_about(monkeypatch):
+    import cli
+
+    monkeypatch.setattr(cli, "cpu_flags", lambda: {"GenuineIntel", "flags", "sse2", "avx512_bf16"})
+    warning = cli.slow_bf16_warning("bf16-mixed", True)
+    assert "avx512_bf16 but no amx_bf16" in warning and "--precision bf16-mixed" in warning
+    assert "auto chooses 32-true" in warning and "\n" not in warning
+    assert cli.slow_bf16_warning("32-true", True) is None
 
 
 def test_train_and_evaluate_warn_once_before_emulating_bf16(image_folder, best_checkpoint, tmp_path, monkeypatch):
@@ -123,7 +151,7 @@ def test_train_and_evaluate_warn_once_before_emulating_bf16(image_folder, best_c
                                 tmp_path / "cache", "--device", "cpu", "--precision", "bf16-mixed")
     assert evaluation.returncode == 0, evaluation.stderr[-3000:]
     assert [line for line in evaluation.stderr.splitlines() if "warning: this CPU has no bf16" in line] == [
-        f"evaluate.py: warning: {cli.emulated_bf16_warning('bf16-mixed', True)}"]
+        f"evaluate.py: warning: {cli.slow_bf16_warning('bf16-mixed', True)}"]
 
     plain = run_in_process("evaluate.py", best_checkpoint, "--data-dir", image_folder, "--cache-dir",
                            tmp_path / "cache", "--device", "cpu", "--precision", "32-true")
