@@ -199,9 +199,9 @@ def cpu_bf16_outpaces_fp32() -> bool:
     AVX512-BF16 on an AMD CPU.
 
     Native bf16 instructions alone are not enough. Side by side (``bench/throughput.py``), bf16-mixed trained
-    ResNet-50 1.5x and VGG-16 2.8x as fast as fp32 on an Intel Xeon with AMX, 1.7x to 2.2x and 1.8x on AMD
-    EPYCs with AVX512-BF16, but 0.80x and 0.82x on an Intel Xeon whose flags show AVX512-BF16 without AMX
-    (RESULTS.md, "An Intel Xeon with bf16 but without AMX").
+    ResNet-50 1.5x and VGG-16 2.8x as fast as fp32 on an Intel Xeon with AMX, 1.7x to 2.2x and 1.8x to 1.9x
+    on AMD EPYCs with AVX512-BF16, but 0.80x and 0.74x to 0.82x on an Intel Xeon whose flags show AVX512-BF16
+    without AMX (RESULTS.md, "An Intel Xeon with bf16 but without AMX").
     """
     flags = cpu_flags() or set()
     return "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in flags)
@@ -225,9 +225,9 @@ def slow_bf16_warning(precision: str, on_cpu: bool) -> str | None:
         return (f"this CPU has no bf16 instructions (neither {' nor '.join(NATIVE_BF16_FLAGS)} in /proc/cpuinfo), "
                 f"so --precision {asked} is emulated and many times slower than 32-true (12x for ResNet-50 "
                 "on one such CPU); --precision auto chooses 32-true here")
-    return (f"this Intel CPU has avx512_bf16 but no amx_bf16 in /proc/cpuinfo, and --precision {asked} trained "
-            "slower than 32-true on such a CPU (0.8x for ResNet-50 and VGG-16); --precision auto chooses "
-            "32-true here")
+    return (f"this CPU has avx512_bf16 but no amx_bf16 in /proc/cpuinfo and is not an AMD CPU, and --precision "
+            f"{asked} trained slower than 32-true on such a CPU (0.74x to 0.82x the speed for ResNet-50 and VGG-16 "
+            "on an Intel Xeon); --precision auto chooses 32-true here")
 
 
 PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed", "bf16-true", "64-true")  # --precision of train.py and evaluate.py
