@@ -194,16 +194,15 @@ def cpu_supports_bf16() -> bool:
     return bool((cpu_flags() or set()) & set(NATIVE_BF16_FLAGS))
 
 
-def cpu_bf16_outpaces_fp32() -> bool:
-    """True where bf16-mixed trains faster than 32-true on this CPU, as far as its flags tell: AMX-BF16, or
-    AVX512-BF16 on an AMD CPU.
+def bf16_outpaces_fp32(flags: set[str]) -> bool:
+    """True where bf16-mixed trains faster than 32-true on the CPU of these ``cpu_flags()``, as far as they tell:
+    AMX-BF16, or AVX512-BF16 on an AMD CPU.
 
     Native bf16 instructions alone are not enough. Side by side (``bench/throughput.py``), bf16-mixed trained
     ResNet-50 1.5x and VGG-16 2.8x as fast as fp32 on an Intel Xeon with AMX, 1.7x to 2.2x and 1.8x to 1.9x
     on AMD EPYCs with AVX512-BF16, but 0.80x and 0.74x to 0.82x on an Intel Xeon whose flags show AVX512-BF16
     without AMX (RESULTS.md, "An Intel Xeon with bf16 but without AMX").
     """
-    flags = cpu_flags() or set()
     return "amx_bf16" in flags or ("avx512_bf16" in flags and "AuthenticAMD" in flags)
 
 
@@ -213,12 +212,12 @@ def slow_bf16_warning(precision: str, on_cpu: bool) -> str | None:
     Results stay correct, only slower. Without bf16 instructions every bf16 product is emulated: ResNet-50
     trained 12x slower in bf16-mixed than in fp32 on a 2-core AMD EPYC with AVX2 only (``bench/throughput.py
     --emulated-bf16``; RESULTS.md, "A slower CPU without bf16: CPU family 23"). With AVX512-BF16 but neither
-    AMX nor an AMD vendor, see ``cpu_bf16_outpaces_fp32``.
+    AMX nor an AMD vendor, see ``bf16_outpaces_fp32``.
     Only a readable ``/proc/cpuinfo`` of an x86 CPU is judged; elsewhere the flags say nothing.
     """
     # Lightning trains a CPU's 16-mixed as bf16-mixed (fp16 autocast is for GPUs).
     flags = cpu_flags() if on_cpu and precision in ("bf16-mixed", "bf16-true", "16-mixed") else None
-    if not flags or "sse2" not in flags or cpu_bf16_outpaces_fp32():  # sse2: every x86-64 CPU
+    if not flags or "sse2" not in flags or bf16_outpaces_fp32(flags):  # sse2: every x86-64 CPU
         return None
     asked = "16-mixed (bf16-mixed on a CPU)" if precision == "16-mixed" else precision
     if not flags & set(NATIVE_BF16_FLAGS):
@@ -242,7 +241,7 @@ def resolve_precision(precision: str, accelerator: str) -> str:
     wants_gpu = accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available())
     if wants_gpu:
         return "bf16-mixed" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "32-true"
-    return "bf16-mixed" if cpu_bf16_outpaces_fp32() else "32-true"
+    return "bf16-mixed" if bf16_outpaces_fp32(cpu_flags() or set()) else "32-true"
 
 
 def autocast_for(precision: str, device_type: str):
