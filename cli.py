@@ -189,9 +189,14 @@ def cpu_flags() -> set[str] | None:
         return None
 
 
+def has_native_bf16(flags: set[str]) -> bool:
+    """True where these ``cpu_flags()`` name native bfloat16 arithmetic (AVX512-BF16 or AMX-BF16)."""
+    return bool(flags & set(NATIVE_BF16_FLAGS))
+
+
 def cpu_supports_bf16() -> bool:
-    """True where the CPU has native bfloat16 arithmetic (AVX512-BF16 or AMX-BF16)."""
-    return bool((cpu_flags() or set()) & set(NATIVE_BF16_FLAGS))
+    """True where this machine's CPU has native bfloat16 arithmetic."""
+    return has_native_bf16(cpu_flags() or set())
 
 
 def bf16_outpaces_fp32(flags: set[str]) -> bool:
@@ -220,7 +225,7 @@ def slow_bf16_warning(precision: str, on_cpu: bool) -> str | None:
     if not flags or "sse2" not in flags or bf16_outpaces_fp32(flags):  # sse2: every x86-64 CPU
         return None
     asked = "16-mixed (bf16-mixed on a CPU)" if precision == "16-mixed" else precision
-    if not flags & set(NATIVE_BF16_FLAGS):
+    if not has_native_bf16(flags):
         return (f"this CPU has no bf16 instructions (neither {' nor '.join(NATIVE_BF16_FLAGS)} in /proc/cpuinfo), "
                 f"so --precision {asked} is emulated and many times slower than 32-true (12x for ResNet-50 "
                 "on one such CPU); --precision auto chooses 32-true here")

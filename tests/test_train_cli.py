@@ -125,6 +125,22 @@ def test_auto_precision_on_a_cpu_is_bf16_only_where_bf16_trains_faster(words, pr
     assert cli.resolve_precision("bf16-mixed", "cpu") == "bf16-mixed"  # asked for: kept
 
 
+@pytest.mark.parametrize(
+    "words, native",
+    [
+        ({"GenuineIntel", "flags", "sse2", "avx512_bf16"}, True),  # bf16 instructions, even where fp32 trains faster
+        ({"GenuineIntel", "flags", "sse2", "amx_bf16"}, True),
+        ({"AuthenticAMD", "flags", "sse2", "avx2"}, False),
+        (None, False),  # no /proc/cpuinfo to read
+    ],
+)
+def test_native_bf16_is_read_from_the_cpu_flags(words, native, monkeypatch):
+    import cli
+
+    monkeypatch.setattr(cli, "cpu_flags", lambda: words)
+    assert cli.cpu_supports_bf16() is native
+
+
 def test_bf16_asked_of_an_intel_cpu_with_avx512_bf16_but_no_amx_is_warned_about(monkeypatch):
     import cli
 
